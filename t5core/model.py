@@ -1,0 +1,319 @@
+"""The T5 encoder-decoder (`T5`) and encoder-only (`T5Encoder`) models.
+
+Parameter names are t5core's own (short and readable); `t5core.weights.keymap` maps them
+to and from the checkpoint names. A block is pre-norm:
+
+    x = x + drop(self_attn(norm(x)))          # relative bias, causal in the decoder
+    x = x + drop(cross_attn(norm(x), enc))    # decoder only; no bias
+    x = x + drop(ffn(norm(x)))
+
+fp16: the reference clamps the residual stream after every sublayer and keeps `ffn.wo`
+in fp32 (`_keep_in_fp32_modules`); t5core does both, so fp16 outputs match it and do not
+overflow to inf. bf16 needs neither (same exponent range as fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import BiasArg, attend, prepare_bias
+from .cache import KVCache
+from .config import AttentionMode, T5Config
+from .layers import FeedForward, RelativeBias, RMSNorm
+
+
+class InputError(ValueError):
+    """Model inputs that cannot be run (empty, ids outside the vocabulary, shape mismatch)."""
+
+
+class Attention(nn.Module):
+    """Multi-head attention projections around `attend`. q, k, v: d_model -> heads*d_kv."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.num_heads, self.d_kv = config.num_heads, config.d_kv
+        self.q = nn.Linear(config.d_model, config.inner_dim, bias=False)
+        self.k = nn.Linear(config.d_model, config.inner_dim, bias=False)
+        self.v = nn.Linear(config.d_model, config.inner_dim, bias=False)
+        self.o = nn.Linear(config.inner_dim, config.d_model, bias=False)
+        self.dropout_rate = config.dropout_rate
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.d_kv).transpose(1, 2)  # [B, L, H*D] -> [B, H, L, D]
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of `x` [B, L, d_model] -> two [B, H, L, D]."""
+        return self.split_heads(self.k(x)), self.split_heads(self.v(x))
+
+    def forward(
+        self,
+        x: Tensor,  # [B, Lq, d_model]
+        keys: Tensor,  # [B, H, Lk, D]
+        values: Tensor,  # [B, H, Lk, D]
+        *,
+        mode: AttentionMode,
+        bias: BiasArg,
+        key_mask: Tensor | None,
+        causal: bool = False,
+        q_offset: int = 0,
+    ) -> Tensor:
+        q = self.split_heads(self.q(x))
+        out = attend(
+            q,
+            keys,
+            values,
+            mode=mode,
+            bias=bias,
+            key_mask=key_mask,
+            causal=causal,
+            q_offset=q_offset,
+            dropout_p=self.dropout_rate if self.training else 0.0,
+        )
+        batch, _, length, _ = out.shape
+        return self.o(out.transpose(1, 2).reshape(batch, length, -1))  # [B, H, L, D] -> [B, L, H*D]
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    """The reference's fp16 guard: keep the residual stream finite (no host sync)."""
+    if x.dtype != torch.float16:
+        return x
+    fmax = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), fmax - 1000, fmax)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+class Block(nn.Module):
+    """One encoder or decoder layer."""
+
+    def __init__(self, config: T5Config, is_decoder: bool, own_bias: bool) -> None:
+        super().__init__()
+        self.self_attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.self_attn = Attention(config)
+        # UMT5: every layer owns its table; T5/mT5: only the stack does (see Stack).
+        self.relative_bias = (
+            RelativeBias(config.num_buckets, config.max_distance, config.num_heads, bidirectional=not is_decoder)
+            if own_bias
+            else None
+        )
+        if is_decoder:
+            self.cross_attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+            self.cross_attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+
+class Stack(nn.Module):
+    """A stack of blocks with its relative bias and final norm: the encoder or the decoder."""
+
+    def __init__(self, config: T5Config, is_decoder: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.is_decoder = is_decoder
+        num_layers = config.num_decoder_layers if is_decoder else config.num_layers
+        self.blocks = nn.ModuleList(
+            Block(config, is_decoder, own_bias=config.per_layer_bias) for _ in range(num_layers)
+        )
+        self.relative_bias = (
+            None
+            if config.per_layer_bias
+            else RelativeBias(config.num_buckets, config.max_distance, config.num_heads, bidirectional=not is_decoder)
+        )
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(
+        self,
+        x: Tensor,  # [B, L, d_model] embedded tokens
+        mask: Tensor | None = None,  # [B, L] bool: self-attention key mask
+        encoder_hidden: Tensor | None = None,  # [B, Lenc, d_model], decoder without a cache
+        encoder_mask: Tensor | None = None,  # [B, Lenc] bool
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        mode = self.config.attention
+        x = self.dropout(x)
+        q_len = x.shape[1]
+        q_offset = cache.length if cache is not None else 0
+        k_len = q_offset + q_len
+        if cache is not None:
+            cache.check_room(q_len)
+        shared_bias = prepare_bias(mode, self.relative_bias, q_len, k_len, q_offset)
+        for i, block in enumerate(self.blocks):
+            bias = shared_bias if block.relative_bias is None else prepare_bias(
+                mode, block.relative_bias, q_len, k_len, q_offset
+            )
+            h = block.self_attn_norm(x)
+            keys, values = block.self_attn.project_kv(h)
+            if cache is not None:
+                keys, values = cache.append_self(i, keys, values)
+            x = x + block.dropout(
+                block.self_attn(
+                    h, keys, values, mode=mode, bias=bias, key_mask=mask, causal=self.is_decoder, q_offset=q_offset
+                )
+            )
+            x = _clamp_fp16(x)
+            if self.is_decoder:
+                h = block.cross_attn_norm(x)
+                if cache is not None:
+                    cross_keys, cross_values = cache.cross_k[i], cache.cross_v[i]
+                    encoder_mask = cache.encoder_mask
+                else:
+                    cross_keys, cross_values = block.cross_attn.project_kv(encoder_hidden)
+                x = x + block.dropout(
+                    block.cross_attn(h, cross_keys, cross_values, mode=mode, bias=None, key_mask=encoder_mask)
+                )
+                x = _clamp_fp16(x)
+            x = x + block.dropout(block.ffn(block.ffn_norm(x)))
+            x = _clamp_fp16(x)
+        if cache is not None:
+            cache.length += q_len
+        return self.dropout(self.final_norm(x))
+
+
+@dataclass
+class Seq2SeqOutput:
+    logits: Tensor  # [B, Ldec, vocab]
+    encoder_hidden: Tensor  # [B, Lenc, d_model]
+    loss: Tensor | None = None
+
+
+class T5(nn.Module):
+    """Encoder-decoder T5 with a language-model head."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Stack(config, is_decoder=False)
+        self.decoder = Stack(config, is_decoder=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def tie_head(self) -> None:
+        """Use the embedding as the output head (checkpoints without `lm_head.weight`)."""
+        self.lm_head.weight = self.embed.weight
+
+    @property
+    def head_is_tied(self) -> bool:
+        return self.lm_head.weight is self.embed.weight
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids [B, L] -> encoder output [B, L, d_model]."""
+        check_ids(input_ids, self.config.vocab_size, "input_ids")
+        mask = _as_mask(attention_mask, input_ids, "attention_mask")
+        return self.encoder(self.embed(input_ids), mask)
+
+    def decode(
+        self,
+        decoder_input_ids: Tensor,  # [B, Ldec]
+        encoder_hidden: Tensor | None = None,  # [B, Lenc, d_model]; not needed with a cache
+        encoder_mask: Tensor | None = None,  # [B, Lenc]
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Decoder tokens -> logits [B, Ldec, vocab]. With a cache, only the new tokens are passed.
+
+        Ids are range-checked only without a cache: the check costs a host sync, and with a
+        cache the ids come from the generation loop (argmax/sampling over the logits).
+        """
+        if cache is None:
+            check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
+            if encoder_hidden is None:
+                raise InputError("decode needs encoder_hidden (or a KVCache made by new_cache)")
+        mask = None if encoder_mask is None else encoder_mask.bool()
+        x = self.decoder(self.embed(decoder_input_ids), None, encoder_hidden, mask, cache)
+        if self.config.scale_decoder_outputs:
+            x = x * (self.config.d_model**-0.5)  # T5 v1.0 rule for the tied head
+        return self.lm_head(x.to(self.lm_head.weight.dtype))
+
+    def new_cache(self, encoder_hidden: Tensor, encoder_mask: Tensor | None, max_length: int) -> KVCache:
+        """A static KV cache for `max_length` decoder tokens; cross-attention K/V computed once here."""
+        cross = [block.cross_attn.project_kv(encoder_hidden) for block in self.decoder.blocks]
+        mask = None if encoder_mask is None else encoder_mask.bool()
+        return KVCache.allocate(self.config, encoder_hidden, cross, mask, max_length)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> Seq2SeqOutput:
+        """Teacher-forced forward. `labels` (-100 = ignore) give the loss and, shifted right, the decoder input."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise InputError("forward needs decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        encoder_hidden = self.encode(input_ids, attention_mask)
+        logits = self.decode(decoder_input_ids, encoder_hidden, attention_mask)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return Seq2SeqOutput(logits=logits, encoder_hidden=encoder_hidden, loss=loss)
+
+    def shift_right(self, labels: Tensor) -> Tensor:
+        """[start] + labels[:-1], with -100 replaced by pad (the reference's `_shift_right`)."""
+        shifted = labels.new_full(labels.shape, self.config.decoder_start_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options) -> Tensor:
+        """Generate token ids; see `t5core.generation.generate` for the options."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
+
+class T5Encoder(nn.Module):
+    """The encoder alone (embeddings, classification, retrieval)."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Stack(config, is_decoder=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids [B, L] -> hidden states [B, L, d_model]."""
+        check_ids(input_ids, self.config.vocab_size, "input_ids")
+        return self.encoder(self.embed(input_ids), _as_mask(attention_mask, input_ids, "attention_mask"))
+
+    encode = forward
+
+
+def check_ids(ids: Tensor, vocab_size: int, name: str) -> None:
+    """Reject empty inputs and ids outside [0, vocab_size) with a message instead of an index error."""
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise InputError(f"{name} must be an integer tensor of token ids, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise InputError(f"{name} must have shape [batch, length], got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise InputError(f"{name} is empty (shape {tuple(ids.shape)}); give at least one token per row")
+    low, high = int(ids.min()), int(ids.max())  # one host sync; an out-of-range id would read garbage on CUDA
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise InputError(
+            f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}); "
+            "was the text tokenized with this model's tokenizer?"
+        )
+
+
+def _as_mask(mask: Tensor | None, ids: Tensor, name: str) -> Tensor | None:
+    if mask is None:
+        return None
+    if mask.shape != ids.shape:
+        raise InputError(f"{name} has shape {tuple(mask.shape)} but the ids have shape {tuple(ids.shape)}")
+    return mask.bool()
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast parameters to `dtype`, keeping `ffn.wo` in fp32 under fp16 as the reference does."""
+    model.to(dtype)
+    if dtype == torch.float16:
+        for module in model.modules():
+            if isinstance(module, FeedForward):
+                module.wo.float()
+    return model
