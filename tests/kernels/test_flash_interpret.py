@@ -1,0 +1,225 @@
+"""The Triton T5 flash-attention kernels, run by Triton's CPU interpreter, against a float64 reference.
+
+Tolerances (norm-wise relative error ‖x - ref‖ / ‖ref‖): fp32 inputs with exact (ieee) fp32
+dots land near 1e-6, so 1e-5 leaves rounding room and still catches any wrong bias, mask or
+bucket (those give errors of 1e-2 and up); bf16 inputs carry 8 mantissa bits, so 2e-2.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from t5core.kernels import flash_attention, flash_attention_varlen, relative_position_bucket  # noqa: E402
+from t5core.kernels import bucket as bucket_mod  # noqa: E402
+from t5core.kernels import flash as flash_mod  # noqa: E402
+
+from .reference import reference_attention, reference_varlen  # noqa: E402
+
+if not type(flash_mod._fwd_kernel).__name__.startswith("Interpreted"):
+    pytest.skip("triton kernels were compiled before TRITON_INTERPRET=1 was set; run tests/kernels on its own",
+                allow_module_level=True)
+
+FP32_TOL = 1e-5
+BF16_TOL = 2e-2
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(flash_mod, "POISON_OUTPUTS", True)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_and_compare(B, H, Lq, Lk, D, *, dtype=torch.float32, tol=FP32_TOL, with_table=True, key_lengths=None,
+                    strided=False, seed=0, **bias_kwargs):
+    """Forward and all four gradients of the kernel vs the float64 reference on random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    nb = bias_kwargs.get("num_buckets", 32)
+    if strided:  # q, k, v as views of a [B, L, H, D] projection output, as the model produces them
+        q64, k64, v64 = (torch.randn(B, L, H, D, generator=g, dtype=torch.float64).transpose(1, 2)
+                         for L in (Lq, Lk, Lk))
+    else:
+        q64, k64, v64 = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk))
+    table64 = torch.randn(nb, H, generator=g, dtype=torch.float64) * 3 if with_table else None
+    kl = torch.tensor(key_lengths) if key_lengths is not None else None
+    leaves64 = [t.requires_grad_() for t in (q64, k64, v64, table64) if t is not None]
+    ref = reference_attention(q64, k64, v64, table64, key_lengths=kl, **bias_kwargs)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, leaves64, dout)
+
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+    q, k, v = leaves[:3]
+    table = leaves[3] if with_table else None
+    out = flash_attention(q, k, v, table, key_lengths=kl, **bias_kwargs)
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
+    assert rel_err(out, ref) < tol, f"out: {rel_err(out, ref):.2e}"
+    for name, grad, ref_grad in zip(["dq", "dk", "dv", "dtable"], grads, ref_grads):
+        assert grad.dtype == dtype
+        assert torch.isfinite(grad).all(), f"{name}: unwritten or non-finite"
+        if ref_grad.norm() == 0:  # e.g. dq with one key: only rounding noise may remain
+            scale = max(rg.norm() for rg in ref_grads)
+            assert grad.double().norm() <= tol * scale, f"{name} should be zero"
+        else:
+            assert rel_err(grad, ref_grad) < tol, f"{name}: {rel_err(grad, ref_grad):.2e}"
+
+
+# ---- the bucket function ----------------------------------------------------------------------
+
+BUCKET_CONFIGS = [(32, 128), (32, 256), (64, 128)]
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", BUCKET_CONFIGS)
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_bucket_equals_transformers(num_buckets, max_distance, bidirectional):
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5", reason="transformers (test oracle) missing")
+    rel = torch.arange(-5000, 5001)
+    ours = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    theirs = t5.T5Attention._relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", BUCKET_CONFIGS + [(16, 24)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_bucket_is_constant_beyond_max_distance(num_buckets, max_distance, bidirectional):
+    # The far-tile specialisation and the clamped lookup table rely on this.
+    rel = torch.arange(-4 * max_distance, 4 * max_distance + 1)
+    buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    left, right = bucket_mod.far_buckets(bidirectional, num_buckets, max_distance)
+    assert (buckets[rel <= -max_distance] == left).all() and (buckets[rel >= max_distance] == right).all()
+    lut = bucket_mod.bucket_lut(bidirectional, num_buckets, max_distance)
+    clamped = rel.clamp(-max_distance, max_distance) + max_distance
+    assert torch.equal(lut.long()[clamped], buckets)
+
+
+# ---- fixed-length attention -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("L", [1, 17, 100, 130, 257])
+def test_encoder_bidirectional(L):
+    run_and_compare(2, 3, L, L, 32, bidirectional=True, seed=L)
+
+
+def test_encoder_head_dim_64_with_padding():
+    run_and_compare(3, 2, 130, 130, 64, key_lengths=[130, 57, 1], bidirectional=True)
+
+
+def test_encoder_key_lengths_not_tile_multiples():
+    run_and_compare(2, 2, 257, 257, 32, key_lengths=[200, 33], bidirectional=True)
+
+
+def test_encoder_strided_inputs():
+    run_and_compare(2, 2, 100, 100, 32, strided=True, bidirectional=True)
+
+
+def test_decoder_causal():
+    run_and_compare(2, 2, 257, 257, 32, bidirectional=False, causal=True)
+
+
+@pytest.mark.parametrize("Lq,Lk,q_offset", [(1, 130, 129), (17, 130, 113), (100, 257, 157), (17, 257, 40)])
+def test_decoder_causal_with_q_offset(Lq, Lk, q_offset):
+    # Decoding with a cache: query i sits at position q_offset + i; keys past it are masked.
+    run_and_compare(2, 2, Lq, Lk, 32, bidirectional=False, causal=True, q_offset=q_offset)
+
+
+def test_small_max_distance_many_far_tiles():
+    run_and_compare(2, 2, 130, 257, 32, num_buckets=16, max_distance=24, bidirectional=True)
+    run_and_compare(1, 2, 130, 130, 32, num_buckets=16, max_distance=24, bidirectional=False, causal=True)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(17, 100), (130, 257), (1, 17)])
+def test_cross_attention_without_table(Lq, Lk):
+    run_and_compare(2, 2, Lq, Lk, 32, with_table=False, key_lengths=[Lk, max(Lk // 3, 1)])
+
+
+def test_key_length_zero_gives_zero_rows():
+    # A row with no visible key outputs 0 (never NaN), and passes no gradient anywhere.
+    run_and_compare(2, 2, 17, 40, 32, key_lengths=[0, 23], bidirectional=True)
+    run_and_compare(2, 2, 17, 40, 32, with_table=False, key_lengths=[23, 0])
+
+
+def test_bf16():
+    run_and_compare(2, 2, 130, 130, 64, dtype=torch.bfloat16, tol=BF16_TOL, key_lengths=[130, 77])
+
+
+def test_fp16_causal():
+    run_and_compare(1, 2, 100, 100, 32, dtype=torch.float16, tol=BF16_TOL, bidirectional=False, causal=True)
+
+
+def test_table_grad_keeps_table_dtype():
+    q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
+    table = torch.randn(32, 2, dtype=torch.bfloat16, requires_grad=True)
+    flash_attention(q, k, v, table).sum().backward()
+    assert table.grad.dtype == torch.bfloat16 and torch.isfinite(table.grad).all()
+
+
+# ---- varlen ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_packing(causal):
+    g = torch.Generator().manual_seed(7)
+    lens = [17, 100, 1, 130]
+    H, D = 2, 32
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    total = int(cu[-1])
+    q64, k64, v64 = (torch.randn(total, H, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    table64 = (torch.randn(32, H, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    kw = dict(bidirectional=not causal, causal=causal)
+    ref = reference_varlen(q64, k64, v64, table64, cu, cu, **kw)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, [q64, k64, v64, table64], dout)
+    leaves = [t.detach().float().requires_grad_() for t in (q64, k64, v64, table64)]
+    out = flash_attention_varlen(*leaves, cu, cu, max(lens), max(lens), **kw)
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    assert rel_err(out, ref) < FP32_TOL
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert torch.isfinite(grad).all() and rel_err(grad, ref_grad) < FP32_TOL
+
+
+# ---- torch.library / torch.compile -------------------------------------------------------------
+
+
+def test_opcheck_fixed_length():
+    q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, 2, requires_grad=True)
+    kl = torch.tensor([20])
+    args = (q, k, v, table, kl, True, 32, 128, False, 0)
+    torch.library.opcheck(torch.ops.t5core.flash_attention_fwd.default, args)
+
+
+def test_opcheck_varlen():
+    cu = torch.tensor([0, 9, 33], dtype=torch.int32)
+    q, k, v = (torch.randn(33, 2, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, 2, requires_grad=True)
+    args = (q, k, v, table, cu, cu, 24, 24, False, 32, 128, True)
+    torch.library.opcheck(torch.ops.t5core.flash_attention_varlen_fwd.default, args)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_traces_without_graph_breaks(backend):
+    def attend(q, k, v, table):
+        return flash_attention(q, k, v, table, bidirectional=False, causal=True, q_offset=3).square().sum()
+
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, 2, requires_grad=True)
+    compiled = torch.compile(attend, backend=backend, fullgraph=True)
+    loss = compiled(q, k, v, table)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v, table)]
+    for t in (q, k, v, table):
+        t.grad = None
+    attend(q, k, v, table).backward()
+    assert math.isclose(loss.item(), attend(q, k, v, table).item(), rel_tol=1e-6)
+    for got, want in zip(grads, [t.grad for t in (q, k, v, table)]):
+        assert torch.allclose(got, want)
