@@ -64,7 +64,7 @@ def build_reference(name: str, seed: int = 0):
                 param.copy_(torch.randn(param.shape, generator=generator))
         if spec.get("tie_word_embeddings") is False:  # v5 ties at construction; give the head its own weights
             model.lm_head.weight = torch.nn.Parameter(0.05 * torch.randn(model.lm_head.weight.shape, generator=generator))
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")  # v5 defaults to sdpa; the oracle is the eager path
     return model.float().eval()
 
 

@@ -126,8 +126,8 @@ def test_saved_checkpoint_round_trips_and_reference_loads_it(tmp_path, checkpoin
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     assert again.head_is_tied == model.head_is_tied
-    reloaded = getattr(transformers, type(reference).__name__).from_pretrained(tmp_path / "saved")
-    reloaded.config._attn_implementation = "eager"
+    reloaded = getattr(transformers, type(reference).__name__).from_pretrained(tmp_path / "saved",
+                                                                               attn_implementation="eager")
     ids, mask = random_batch(reference.config.vocab_size, LENGTHS, seed=6)
     decoder_ids, _ = random_batch(reference.config.vocab_size, [5] * 3, seed=7)
     with torch.no_grad():
@@ -141,8 +141,7 @@ def test_encoder_only_model_matches_reference_encoder(checkpoint_dir):
 
     folder, reference = checkpoint_dir("t5-v1_1")
     encoder = load_checkpoint(folder, encoder_only=True)
-    hf_encoder = transformers.T5EncoderModel.from_pretrained(folder).eval()
-    hf_encoder.config._attn_implementation = "eager"
+    hf_encoder = transformers.T5EncoderModel.from_pretrained(folder, attn_implementation="eager").eval()
     ids, mask = random_batch(reference.config.vocab_size, LENGTHS, seed=8)
     with torch.no_grad():
         expected = hf_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
