@@ -1,0 +1,77 @@
+"""Whole-model checks on the GPU: `flash` against `basic` at real lengths (run with `pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_batch, relative_error
+
+from t5core.weights import load_checkpoint
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)"),
+]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("name", ["t5-v1_1", "umt5", "inner-dim"])
+def test_flash_model_matches_basic(checkpoint_dir, name, dtype, tolerance):
+    folder, reference = checkpoint_dir(name)
+    basic = load_checkpoint(folder, dtype=dtype, device="cuda", attention="basic")
+    flash = load_checkpoint(folder, dtype=dtype, device="cuda", attention="flash")
+    ids, mask = random_batch(reference.config.vocab_size, [3000, 1025, 77], seed=1)
+    decoder_ids, _ = random_batch(reference.config.vocab_size, [130] * 3, seed=2)
+    ids, mask, decoder_ids = ids.cuda(), mask.cuda(), decoder_ids.cuda()
+    with torch.no_grad():
+        expected = basic(ids, mask, decoder_input_ids=decoder_ids)
+        actual = flash(ids, mask, decoder_input_ids=decoder_ids)
+    valid = mask.bool()
+    assert relative_error(actual.encoder_hidden[valid].float(), expected.encoder_hidden[valid].float()) < tolerance
+    assert relative_error(actual.logits.float(), expected.logits.float()) < tolerance
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_flash_training_gradients_match_basic(checkpoint_dir, dtype, tolerance):
+    folder, reference = checkpoint_dir("t5-v1_1")
+    ids, mask = random_batch(reference.config.vocab_size, [700, 300], seed=3)
+    labels, _ = random_batch(reference.config.vocab_size, [90, 90], seed=4)
+    grads = []
+    for attention in ("basic", "flash"):
+        model = load_checkpoint(folder, dtype=dtype, device="cuda", attention=attention).train()
+        loss = model(ids.cuda(), mask.cuda(), labels=labels.cuda()).loss
+        loss.backward()
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    for name in ("encoder.relative_bias.weight", "decoder.relative_bias.weight", "encoder.blocks.0.self_attn.q.weight",
+                 "decoder.blocks.1.cross_attn.k.weight"):
+        assert relative_error(grads[1][name], grads[0][name]) < tolerance, name
+
+
+def test_flash_generation_matches_basic_in_float32(checkpoint_dir):
+    folder, reference = checkpoint_dir("t5-v1_1")
+    ids, mask = random_batch(reference.config.vocab_size, [900, 400, 33], seed=5)
+    outputs = []
+    for attention in ("basic", "flash"):
+        model = load_checkpoint(folder, device="cuda", attention=attention)
+        outputs.append(model.generate(ids.cuda(), mask.cuda(), max_new_tokens=20).tolist())
+        outputs.append(model.generate(ids.cuda(), mask.cuda(), max_new_tokens=12, num_beams=3).tolist())
+    assert outputs[0] == outputs[2] and outputs[1] == outputs[3]
+
+
+def test_flash_runs_131072_tokens_flan_t5_base_shape():
+    """The issue's long-input target: a flan-t5-base-shaped model over 131,072 tokens, batch 1."""
+    from t5core import T5, T5Config
+    from t5core.model import cast_model
+
+    config = T5Config.from_dict(dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                                     feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                                attention="flash")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = cast_model(T5(config), torch.bfloat16).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(3, 32100, (1, 131072), device="cuda")
+    with torch.no_grad():
+        logits = model(ids, decoder_input_ids=ids[:, :128]).logits
+    assert logits.shape == (1, 128, 32128) and torch.isfinite(logits).all()
