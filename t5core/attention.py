@@ -9,6 +9,8 @@ the scores, softmax in fp32):
 - `flash`: the Triton relative-bias kernel on CUDA (bias computed in the kernel, memory
   linear in the length); on the CPU a chunked torch path over query blocks that also keeps
   memory linear (the bias is computed per block).
+- `local`, `block`, `transient-global`: sparse encoder self-attention, each its own function
+  (t5core/sparse.py, docs/sparse.md); they take a `SparseLayout` built once per forward.
 
 Masks are described, not materialised: `key_mask` ([B, Lk] bool, True = a real key),
 `causal`, and `q_offset` (the true position of query row 0, i.e. the cache length when
@@ -27,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import AttentionMode
 from .layers import RelativeBias
+from .sparse import SparseLayout, attend_sparse
 
 # A bias is either its description (the module: fast paths bucket in-kernel) or, for the
 # basic path, the materialised [1, H, Lq, Lk] tensor shared by all layers of a stack.
@@ -57,8 +60,16 @@ def attend(
     causal: bool = False,
     q_offset: int = 0,
     dropout_p: float = 0.0,
+    layout: SparseLayout | None = None,  # sparse modes: the pattern of this forward
+    side_kv: tuple[Tensor, Tensor] | None = None,  # transient-global: side keys, values [B, H, G, D]
 ) -> Tensor:  # [B, H, Lq, D]
     """Attention with T5's relative bias; see the module docstring for the semantics."""
+    if mode.is_sparse:
+        if layout is None or layout.mode is not mode or causal or q_offset:
+            raise ValueError(f"attention={mode.value!r} is encoder self-attention only and needs its SparseLayout")
+        if isinstance(bias, Tensor):
+            raise TypeError("sparse attention takes the RelativeBias description, not a materialised bias")
+        return attend_sparse(q, k, v, layout=layout, bias=bias, key_mask=key_mask, side_kv=side_kv, dropout_p=dropout_p)
     if mode is AttentionMode.BASIC:
         if isinstance(bias, RelativeBias):
             bias = bias.materialize(q.shape[2], k.shape[2], q_offset)

@@ -40,8 +40,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a name (flan-t5-base, t5-small, ...), a hub repo id, or a checkpoint folder")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="parameter dtype (auto: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--attention", choices=["basic", "flash"], default="basic",
-                        help="basic: torch reference; flash: relative-bias kernel (CUDA) / chunked (CPU)")
+    parser.add_argument("--attention", choices=["basic", "flash", "local", "block", "transient-global"], default=None,
+                        help="basic: torch reference; flash: relative-bias kernel (CUDA) / chunked (CPU); "
+                             "local, block, transient-global: sparse encoder (docs/sparse.md). "
+                             "Default: the checkpoint's own (LongT5: its encoder_attention_type; else basic)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,20 @@ class AttentionMode(str, enum.Enum):
 
     BASIC = "basic"  # torch reference: materialises the [B, H, Lq, Lk] bias
     FLASH = "flash"  # Triton relative-bias kernel on CUDA; chunked torch on CPU (linear memory)
+    # Sparse modes (encoder self-attention only; t5core/sparse.py, docs/sparse.md). Each is its
+    # own function, not an approximation of the dense one.
+    LOCAL = "local"  # LongT5 local: |q - k| <= local_radius
+    BLOCK = "block"  # blocks of block_size plus num_global leading tokens that see and are seen by all
+    TRANSIENT_GLOBAL = "transient-global"  # LongT5 TGlobal: local + one side token per global_block_size
+
+    @property
+    def is_sparse(self) -> bool:
+        return self in SPARSE_MODES
+
+
+SPARSE_MODES = frozenset({AttentionMode.LOCAL, AttentionMode.BLOCK, AttentionMode.TRANSIENT_GLOBAL})
+# LongT5's `encoder_attention_type` values, which are also t5core modes.
+LONGT5_ENCODER_ATTENTION = ("local", "transient-global")
 
 
 # Activations the reference accepts in `feed_forward_proj` ("ACT" or "gated-ACT").
@@ -63,7 +77,17 @@ class T5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     per_layer_bias: bool = False  # umt5: every self-attention layer has its own bias table
+    # Encoder self-attention mode. The decoder (self and cross) always runs a dense mode:
+    # see `decoder_attention`.
     attention: AttentionMode = AttentionMode.BASIC
+    # Sparse-mode parameters (docs/sparse.md). LongT5 checkpoints carry the first two.
+    local_radius: int = 127  # local and transient-global: keys with |q - k| <= local_radius
+    global_block_size: int = 16  # transient-global: tokens summed into one side token
+    block_size: int = 512  # block: T5's pretraining length, so each block sees a familiar context
+    num_global: int = 16  # block: leading tokens (e.g. a task prefix) that attend and are attended everywhere
+    # longt5 only: the checkpoint's `encoder_attention_type` ("local" / "transient-global"),
+    # which names its encoder keys (LocalSelfAttention / TransientGlobalSelfAttention).
+    checkpoint_encoder_attention: str | None = None
     # The raw config dict as read, kept so `save` writes back what was loaded.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -71,6 +95,20 @@ class T5Config:
     def inner_dim(self) -> int:
         """Width of the attention projections: heads * d_kv (may differ from d_model)."""
         return self.num_heads * self.d_kv
+
+    @property
+    def decoder_attention(self) -> AttentionMode:
+        """The mode of decoder self- and cross-attention: the chosen one if dense, else basic."""
+        return AttentionMode.BASIC if self.attention.is_sparse else self.attention
+
+    @property
+    def encoder_attention_type(self) -> str | None:
+        """longt5: the `encoder_attention_type` this model is saved as (its mode, if a LongT5 one)."""
+        if self.model_type != "longt5":
+            return None
+        if self.attention.value in LONGT5_ENCODER_ATTENTION:
+            return self.attention.value
+        return self.checkpoint_encoder_attention
 
     @property
     def feed_forward_proj(self) -> str:
@@ -85,18 +123,36 @@ class T5Config:
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], attention: str | AttentionMode = "basic") -> "T5Config":
-        """Build a config from a checkpoint `config.json` dict; raise ConfigError on bad values."""
+    def from_dict(
+        cls,
+        raw: dict[str, Any],
+        attention: str | AttentionMode | None = None,
+        *,
+        local_radius: int | None = None,
+        global_block_size: int | None = None,
+        block_size: int | None = None,
+        num_global: int | None = None,
+    ) -> "T5Config":
+        """Build a config from a checkpoint `config.json` dict; raise ConfigError on bad values.
+
+        attention: None picks the checkpoint's own mode (LongT5: its encoder_attention_type;
+        otherwise basic). The sparse parameters override the checkpoint's values when given.
+        """
         model_type = raw.get("model_type", "t5")
         if model_type not in MODEL_TYPES:
             raise ConfigError(
                 f"model_type {model_type!r} is not a T5-family model; t5core supports {', '.join(MODEL_TYPES)}"
             )
+        checkpoint_encoder_attention = None
         if model_type == "longt5":
-            raise ConfigError(
-                "LongT5 checkpoints (model_type 'longt5') need the sparse attention modes "
-                "local/transient-global, which this version of t5core does not implement yet"
-            )
+            checkpoint_encoder_attention = raw.get("encoder_attention_type", "local")  # the reference's default
+            if checkpoint_encoder_attention not in LONGT5_ENCODER_ATTENTION:
+                raise ConfigError(
+                    f"config.json: encoder_attention_type {checkpoint_encoder_attention!r} is not a LongT5 "
+                    f"attention; expected one of {', '.join(LONGT5_ENCODER_ATTENTION)}"
+                )
+        if attention is None:
+            attention = checkpoint_encoder_attention or AttentionMode.BASIC
         activation, gated = parse_feed_forward_proj(raw.get("feed_forward_proj", "relu"))
         num_layers = _int(raw, "num_layers", 6)
         num_decoder_layers = raw.get("num_decoder_layers")
@@ -135,14 +191,28 @@ class T5Config:
             decoder_start_token_id=(0 if pad is None else int(pad)) if decoder_start is None else int(decoder_start),
             per_layer_bias=model_type == "umt5",
             attention=mode,
+            local_radius=_int(raw, "local_radius", 127) if local_radius is None else local_radius,
+            global_block_size=_int(raw, "global_block_size", 16) if global_block_size is None else global_block_size,
+            block_size=512 if block_size is None else block_size,
+            num_global=16 if num_global is None else num_global,
+            checkpoint_encoder_attention=checkpoint_encoder_attention,
             raw=dict(raw),
         )
         config.validate()
         return config
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, attention: str | AttentionMode = "basic") -> "T5Config":
-        """Read `config.json` (or a folder holding one)."""
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        attention: str | AttentionMode | None = None,
+        *,
+        local_radius: int | None = None,
+        global_block_size: int | None = None,
+        block_size: int | None = None,
+        num_global: int | None = None,
+    ) -> "T5Config":
+        """Read `config.json` (or a folder holding one); the other arguments as in `from_dict`."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
@@ -153,7 +223,14 @@ class T5Config:
             raise ConfigError(f"no config.json at {path}; a T5 checkpoint folder needs one") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw, attention=attention)
+        return cls.from_dict(
+            raw,
+            attention=attention,
+            local_radius=local_radius,
+            global_block_size=global_block_size,
+            block_size=block_size,
+            num_global=num_global,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The config in the checkpoint format (the raw dict, updated with our values)."""
@@ -180,8 +257,18 @@ class T5Config:
         # Both spellings of the head-scaling rule, so v4 and v5 readers agree (see scale_decoder_outputs).
         out["scale_decoder_outputs"] = self.scale_decoder_outputs
         out["tie_word_embeddings"] = self.scale_decoder_outputs
+        if self.model_type == "longt5":
+            out.update(
+                encoder_attention_type=self.encoder_attention_type,
+                local_radius=self.local_radius,
+                global_block_size=self.global_block_size,
+            )
         if "architectures" not in out:
-            out["architectures"] = {"umt5": ["UMT5ForConditionalGeneration"], "mt5": ["MT5ForConditionalGeneration"]}.get(
+            out["architectures"] = {
+                "umt5": ["UMT5ForConditionalGeneration"],
+                "mt5": ["MT5ForConditionalGeneration"],
+                "longt5": ["LongT5ForConditionalGeneration"],
+            }.get(
                 self.model_type, ["T5ForConditionalGeneration"]
             )
         return out
@@ -212,6 +299,22 @@ class T5Config:
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+        self._validate_sparse()
+
+    def _validate_sparse(self) -> None:
+        if not isinstance(self.attention, AttentionMode):
+            raise ConfigError(f"attention must be an AttentionMode, got {self.attention!r}")
+        for name in ("local_radius", "global_block_size", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.num_global, bool) or not isinstance(self.num_global, int) or self.num_global < 0:
+            raise ConfigError(f"num_global must be an integer >= 0, got {self.num_global!r}")
+        if self.attention is AttentionMode.TRANSIENT_GLOBAL and self.per_layer_bias:
+            raise ConfigError(
+                "attention='transient-global' needs one relative-bias table per stack (t5, mt5, longt5); "
+                "umt5 has one per layer. Use 'local' or 'block' with umt5"
+            )
 
 
 def scale_decoder_outputs(raw: dict[str, Any]) -> bool:

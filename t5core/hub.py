@@ -80,18 +80,35 @@ def load(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    attention: str | AttentionMode = "basic",
+    attention: str | AttentionMode | None = None,
     encoder_only: bool = False,
+    local_radius: int | None = None,
+    global_block_size: int | None = None,
+    block_size: int | None = None,
+    num_global: int | None = None,
 ):
     """Load a model and its tokenizer: `model, tokenizer = t5core.load("flan-t5-base")`.
 
     name_or_path: a short name (see `ALIASES`), a hub repo id, or a local checkpoint folder.
-    dtype: None keeps the checkpoint's dtype. attention: "basic" or "flash".
+    dtype: None keeps the checkpoint's dtype. attention: the encoder self-attention mode,
+    "basic", "flash", "local", "block" or "transient-global" (docs/sparse.md); None = the
+    checkpoint's own (LongT5: local or transient-global; otherwise basic). The decoder is dense.
+    local_radius, global_block_size, block_size, num_global: sparse-mode parameters.
     encoder_only: build a `T5Encoder` (the decoder weights are ignored).
     """
     from t5core.tokenizer import load_tokenizer
     from t5core.weights import load_checkpoint
 
     folder = resolve(name_or_path)
-    model = load_checkpoint(folder, encoder_only=encoder_only, dtype=dtype, device=device, attention=attention)
+    model = load_checkpoint(
+        folder,
+        encoder_only=encoder_only,
+        dtype=dtype,
+        device=device,
+        attention=attention,
+        local_radius=local_radius,
+        global_block_size=global_block_size,
+        block_size=block_size,
+        num_global=num_global,
+    )
     return model, load_tokenizer(folder)

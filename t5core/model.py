@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import BiasArg, attend, prepare_bias
-from .cache import KVCache
+from .cache import KVCache, StaticKVCache
 from .config import AttentionMode, T5Config
 from .layers import FeedForward, RelativeBias, RMSNorm
+from .sparse import SparseLayout, global_aggregates, make_layout
 
 
 class InputError(ValueError):
@@ -61,6 +62,8 @@ class Attention(nn.Module):
         key_mask: Tensor | None,
         causal: bool = False,
         q_offset: int = 0,
+        layout: SparseLayout | None = None,
+        side_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         q = self.split_heads(self.q(x))
         out = attend(
@@ -73,9 +76,16 @@ class Attention(nn.Module):
             causal=causal,
             q_offset=q_offset,
             dropout_p=self.dropout_rate if self.training else 0.0,
+            layout=layout,
+            side_kv=side_kv,
         )
         batch, _, length, _ = out.shape
         return self.o(out.transpose(1, 2).reshape(batch, length, -1))  # [B, H, L, D] -> [B, L, H*D]
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    batch, _, length, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, length, -1)  # [B, H, L, D] -> [B, L, H*D]
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:
@@ -106,6 +116,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
+        if not is_decoder and config.attention is AttentionMode.TRANSIENT_GLOBAL:
+            # LongT5 TGlobal: each layer normalises its own side-token inputs (t5-facts A3).
+            self.global_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
 
 class Stack(nn.Module):
@@ -126,6 +139,11 @@ class Stack(nn.Module):
         )
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
+        self.mode = config.decoder_attention if is_decoder else config.attention
+        if self.mode is AttentionMode.TRANSIENT_GLOBAL:  # side-token bias: g - block id, its own table
+            self.global_bias = RelativeBias(
+                config.num_buckets, config.max_distance, config.num_heads, bidirectional=True
+            )
 
     def forward(
         self,
@@ -135,7 +153,7 @@ class Stack(nn.Module):
         encoder_mask: Tensor | None = None,  # [B, Lenc] bool
         cache: KVCache | None = None,
     ) -> Tensor:
-        mode = self.config.attention
+        mode = self.mode
         x = self.dropout(x)
         q_len = x.shape[1]
         q_offset = cache.length if cache is not None else 0
@@ -143,6 +161,9 @@ class Stack(nn.Module):
         if cache is not None:
             cache.check_room(q_len)
         shared_bias = prepare_bias(mode, self.relative_bias, q_len, k_len, q_offset)
+        layout = None
+        if mode.is_sparse:
+            layout = make_layout(self.config, mask, x.shape[0], q_len, getattr(self, "global_bias", None))
         for i, block in enumerate(self.blocks):
             bias = shared_bias if block.relative_bias is None else prepare_bias(
                 mode, block.relative_bias, q_len, k_len, q_offset
@@ -151,9 +172,13 @@ class Stack(nn.Module):
             keys, values = block.self_attn.project_kv(h)
             if cache is not None:
                 keys, values = cache.append_self(i, keys, values)
+            side_kv = None
+            if mode is AttentionMode.TRANSIENT_GLOBAL:  # side tokens from this layer's normed input
+                side_kv = block.self_attn.project_kv(block.global_norm(global_aggregates(h, layout)))
             x = x + block.dropout(
                 block.self_attn(
-                    h, keys, values, mode=mode, bias=bias, key_mask=mask, causal=self.is_decoder, q_offset=q_offset
+                    h, keys, values, mode=mode, bias=bias, key_mask=mask, causal=self.is_decoder, q_offset=q_offset,
+                    layout=layout, side_kv=side_kv,
                 )
             )
             x = _clamp_fp16(x)
@@ -234,6 +259,45 @@ class T5(nn.Module):
         cross = [block.cross_attn.project_kv(encoder_hidden) for block in self.decoder.blocks]
         mask = None if encoder_mask is None else encoder_mask.bool()
         return KVCache.allocate(self.config, encoder_hidden, cross, mask, max_length)
+
+    def new_static_cache(
+        self, encoder_hidden: Tensor, encoder_mask: Tensor | None, max_length: int, rows_per_input: int = 1,
+        kernel: str = "torch",
+    ) -> StaticKVCache:
+        """The shape-static cache of `decode_step` (see cache.StaticKVCache); cross K/V projected once.
+
+        encoder_hidden [B, Lenc, d_model] holds one row per input; `rows_per_input` decoder rows
+        (beams) share each. encoder_mask must be right-padded (ones then zeros).
+        """
+        cross = [block.cross_attn.project_kv(encoder_hidden) for block in self.decoder.blocks]
+        tables = [(block.relative_bias or self.decoder.relative_bias).weight for block in self.decoder.blocks]
+        return StaticKVCache(self.config, cross, encoder_mask, tables, max_length, rows_per_input, kernel)
+
+    def decode_step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
+        """One decoder token per row, tokens [B, 1] -> logits [B, vocab]; shape-static (CUDA graphs).
+
+        The same function as `decode(tokens, cache=KVCache)` (inference only: no dropout), but
+        the cache length is a device tensor: no host sync, no shape that changes per step.
+        """
+        key_lengths = cache.begin_step()
+        x = self.embed(tokens)
+        for i, block in enumerate(self.decoder.blocks):
+            h = block.self_attn_norm(x)
+            attn = block.self_attn
+            keys, values = attn.project_kv(h)
+            cache.write_self(i, keys, values)
+            out = cache.attend_self(i, attn.split_heads(attn.q(h)), key_lengths)
+            x = _clamp_fp16(x + attn.o(_merge_heads(out)))
+            h = block.cross_attn_norm(x)
+            attn = block.cross_attn
+            out = cache.attend_cross(i, attn.split_heads(attn.q(h)))
+            x = _clamp_fp16(x + attn.o(_merge_heads(out)))
+            x = _clamp_fp16(x + block.ffn(block.ffn_norm(x)))
+        cache.end_step()
+        x = self.decoder.final_norm(x)
+        if self.config.scale_decoder_outputs:
+            x = x * (self.config.d_model**-0.5)  # T5 v1.0 rule for the tied head
+        return self.lm_head(x.to(self.lm_head.weight.dtype))[:, -1]
 
     def forward(
         self,

@@ -38,8 +38,26 @@ CONFIGS: dict[str, dict] = {
                       feed_forward_proj="gated-silu", tie_word_embeddings=False),
 }
 
+# LongT5 (local and transient-global encoders), kept apart from CONFIGS: those run in every dense
+# mode in test_parity. Radius 7 (blocks of 8) and global blocks of 4 so short inputs span several
+# blocks; 16 buckets / max distance 24 so local and side distances reach the log buckets.
+LONGT5_CONFIGS: dict[str, dict] = {
+    "longt5-local": dict(model_type="longt5", vocab_size=160, d_model=64, d_kv=16, d_ff=96, num_layers=3,
+                         num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                         encoder_attention_type="local", local_radius=7,
+                         relative_attention_num_buckets=16, relative_attention_max_distance=24),
+    "longt5-tglobal": dict(model_type="longt5", vocab_size=160, d_model=64, d_kv=16, d_ff=96, num_layers=3,
+                           num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                           encoder_attention_type="transient-global", local_radius=7, global_block_size=4,
+                           relative_attention_num_buckets=16, relative_attention_max_distance=24),
+    # Tied head with output scaling (tie_word_embeddings absent), relu FFN.
+    "longt5-tglobal-tied": dict(model_type="longt5", vocab_size=160, d_model=48, d_kv=16, d_ff=64, num_layers=2,
+                                num_heads=3, feed_forward_proj="relu", encoder_attention_type="transient-global",
+                                local_radius=5, global_block_size=3),
+}
+
 HF_CLASSES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
-              "umt5": "UMT5ForConditionalGeneration"}
+              "umt5": "UMT5ForConditionalGeneration", "longt5": "LongT5ForConditionalGeneration"}
 
 
 def transformers_or_skip():
@@ -49,18 +67,19 @@ def transformers_or_skip():
 def build_reference(name: str, seed: int = 0):
     """A transformers model of config `name` with random weights (norms and biases too), float32, eval."""
     transformers = transformers_or_skip()
-    spec = dict(CONFIGS[name])
+    spec = dict({**CONFIGS, **LONGT5_CONFIGS}[name])
     model_type = spec.pop("model_type")
-    config_class = {"t5": transformers.T5Config, "mt5": transformers.MT5Config, "umt5": transformers.UMT5Config}[model_type]
+    config_class = {"t5": transformers.T5Config, "mt5": transformers.MT5Config, "umt5": transformers.UMT5Config,
+                    "longt5": transformers.LongT5Config}[model_type]
     config = config_class(**spec, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(seed)
     model = getattr(transformers, HF_CLASSES[model_type])(config)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(seed)
         for pname, param in model.named_parameters():
-            if "layer_norm" in pname:  # ones would hide a missing or misplaced norm
+            if "layer_norm" in pname:  # ones would hide a missing or misplaced norm (global_input_layer_norm too)
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif "relative_attention_bias" in pname:
+            elif "relative_attention_bias" in pname:  # and LongT5's global_relative_attention_bias
                 param.copy_(torch.randn(param.shape, generator=generator))
         if spec.get("tie_word_embeddings") is False:  # v5 ties at construction; give the head its own weights
             model.lm_head.weight = torch.nn.Parameter(0.05 * torch.randn(model.lm_head.weight.shape, generator=generator))

@@ -19,6 +19,7 @@ from torch import nn
 
 from t5core.config import AttentionMode, T5Config
 from t5core.model import T5, T5Encoder, cast_model
+from t5core.sparse import derive_global_weights
 
 from .keymap import EMBEDDING_KEYS, EMBEDDING_PARAM, IGNORED_KEYS, to_t5core
 
@@ -94,12 +95,18 @@ class CheckpointReader:
 
 
 def plan_assignment(
-    reader_shapes: dict[str, tuple[int, ...]], model: nn.Module, model_type: str, encoder_only: bool
+    reader_shapes: dict[str, tuple[int, ...]],
+    model: nn.Module,
+    model_type: str,
+    encoder_only: bool,
+    encoder_attention_type: str | None = None,
+    derivable: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, str], bool]:
     """Map every model parameter to a checkpoint key; check keys and shapes.
 
     Returns ({t5core name: checkpoint name}, head_in_checkpoint). Raises CheckpointError
-    naming all missing keys, unexpected keys and shape mismatches at once.
+    naming all missing keys, unexpected keys and shape mismatches at once. Parameters in
+    `derivable` may be absent (the caller initialises them).
     """
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     plan: dict[str, str] = {}
@@ -109,7 +116,7 @@ def plan_assignment(
             continue
         if encoder_only and (key.startswith("decoder.") or key.startswith("lm_head.")):
             continue  # the reference's T5EncoderModel ignores them too
-        ours = to_t5core(key, model_type)
+        ours = to_t5core(key, model_type, encoder_attention_type)
         if ours is None or ours not in expected:
             unexpected.append(key)
         else:
@@ -120,7 +127,7 @@ def plan_assignment(
     head_in_checkpoint = "lm_head.weight" in plan
     if not encoder_only and not head_in_checkpoint and embedding is not None:
         plan["lm_head.weight"] = embedding  # tied head: the embedding serves as the output layer
-    missing = sorted(name for name in expected if name not in plan)
+    missing = sorted(name for name in expected if name not in plan and name not in derivable)
     mismatched = [
         f"{plan[name]}: checkpoint {list(reader_shapes[plan[name]])} vs model {list(shape)}"
         for name, shape in expected.items()
@@ -128,7 +135,7 @@ def plan_assignment(
     ]
     problems = []
     if missing:
-        names = [_checkpoint_name_hint(m, model_type) for m in missing]
+        names = [_checkpoint_name_hint(m, model_type, encoder_attention_type) for m in missing]
         problems.append(f"missing keys ({len(missing)}): {_short(names)}")
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {_short(sorted(unexpected))}")
@@ -136,20 +143,23 @@ def plan_assignment(
         problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
     if problems:
         hint = ""
-        if any("LocalSelfAttention" in k or "TransientGlobal" in k for k in unexpected):
-            hint = " This is a LongT5 checkpoint; its sparse attention modes are not supported yet."
+        if any("global_" in k for k in unexpected):
+            hint = (
+                " The checkpoint has transient-global weights: load it with attention='transient-global' "
+                "(or attention=None, a LongT5 checkpoint's own mode)."
+            )
         elif mismatched or missing:
             hint = " Does config.json match these weights?"
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems) + "." + hint)
     return plan, head_in_checkpoint
 
 
-def _checkpoint_name_hint(t5core_name: str, model_type: str) -> str:
+def _checkpoint_name_hint(t5core_name: str, model_type: str, encoder_attention_type: str | None) -> str:
     from .keymap import to_checkpoint
 
     if t5core_name == EMBEDDING_PARAM:
         return " or ".join(EMBEDDING_KEYS)
-    return to_checkpoint(t5core_name, model_type) or t5core_name
+    return to_checkpoint(t5core_name, model_type, encoder_attention_type) or t5core_name
 
 
 def _short(items: list[str], limit: int = 12) -> str:
@@ -163,20 +173,40 @@ def load_checkpoint(
     encoder_only: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    attention: str | AttentionMode = "basic",
+    attention: str | AttentionMode | None = None,
+    local_radius: int | None = None,
+    global_block_size: int | None = None,
+    block_size: int | None = None,
+    num_global: int | None = None,
 ) -> T5 | T5Encoder:
     """Load a checkpoint folder (config.json + weights) into `T5` (or `T5Encoder`).
 
     dtype: None keeps the checkpoint's dtype; fp16 keeps `ffn.wo` in fp32 (see model.py).
+    attention: the encoder self-attention mode (basic, flash, local, block, transient-global);
+    None = the checkpoint's own (LongT5: its encoder_attention_type; otherwise basic). The
+    decoder stays dense. The sparse parameters override the config's (docs/sparse.md).
+    Transient-global weights a checkpoint lacks are initialised, with one warning.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder")
-    config = T5Config.from_file(folder, attention=attention)
+    config = T5Config.from_file(
+        folder,
+        attention=attention,
+        local_radius=local_radius,
+        global_block_size=global_block_size,
+        block_size=block_size,
+        num_global=num_global,
+    )
     reader = CheckpointReader(checkpoint_files(folder))
     with torch.device("meta"):
         model = (T5Encoder if encoder_only else T5)(config)
-    plan, head_in_checkpoint = plan_assignment(reader.shapes, model, config.model_type, encoder_only)
+    global_names = frozenset(  # transient-global weights: initialised when the checkpoint lacks them
+        n for n, _ in model.named_parameters() if n.startswith("encoder.global_") or ".global_norm." in n
+    )
+    plan, head_in_checkpoint = plan_assignment(
+        reader.shapes, model, config.model_type, encoder_only, config.checkpoint_encoder_attention, global_names
+    )
     fp32_names = {n for n, _ in model.named_parameters() if n.endswith("ffn.wo.weight")} if dtype == torch.float16 else set()
 
     state: dict[str, torch.Tensor] = {}
@@ -187,6 +217,7 @@ def load_checkpoint(
             target = torch.float32 if name in fp32_names else (dtype or tensor.dtype)
             loaded[key] = tensor.to(device=device, dtype=target)
         state[name] = loaded[key]
+    state.update(derive_global_weights(state, sorted(global_names - plan.keys()), config))
     model.load_state_dict(state, strict=True, assign=True)
     if not encoder_only and not head_in_checkpoint:
         model.tie_head()

@@ -14,19 +14,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from t5core.config import AttentionMode
+
 from .keymap import to_checkpoint
 from .load import SAFETENSORS, SAFETENSORS_INDEX
 
 
 def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's parameters under checkpoint names (contiguous, detached)."""
-    model_type = model.config.model_type
+    config = model.config
+    model_type = config.model_type
+    if config.attention is AttentionMode.TRANSIENT_GLOBAL and model_type != "longt5":
+        raise ValueError(
+            f"a {model_type} checkpoint has no place for transient-global weights; only LongT5 "
+            "checkpoints store them. Save the model in its own mode (load it with attention='basic')"
+        )
     out: dict[str, torch.Tensor] = {}
     tied = getattr(model, "head_is_tied", False)
     for name, param in model.named_parameters():  # duplicates (a tied head) are listed once
         if tied and name == "lm_head.weight":
             continue
-        key = to_checkpoint(name, model_type)
+        key = to_checkpoint(name, model_type, config.encoder_attention_type)
         if key is None:
             raise KeyError(f"no checkpoint name for parameter {name}; add a row to weights/keymap.py")
         out[key] = param.detach().contiguous()
