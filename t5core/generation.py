@@ -6,10 +6,17 @@ reference's `generate`), and rows that finished early are padded with the pad id
 
 Beam search follows the reference's (transformers >= 4.50) vectorised algorithm, so
 beams, scores, length penalty and early stopping match it token for token.
+
+Two ways to run a step, one loop for both (docs/generation.md):
+  * basic: `model.decode(tokens, cache=KVCache)`, the reference path (the CPU default);
+  * fast (the CUDA default): `model.decode_step` over a `StaticKVCache` (fixed shapes, the
+    cache length on the device, flash-decoding kernels), captured once as a CUDA graph and
+    replayed for every token; it falls back to eager where capture is impossible.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Literal
 
 import torch
@@ -41,34 +48,142 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     progress: Progress | None = None,
+    fast: bool | None = None,
+    cuda_graphs: bool | None = None,
+    decode_kernel: Literal["triton", "torch"] | None = None,
 ) -> Tensor:  # [B, 1 + generated]
     """Generate ids for each input row.
 
     greedy (default), sampling (`do_sample=True` with temperature/top_k/top_p and an
     optional `seed`), or beam search (`num_beams > 1`, `length_penalty`, `early_stopping`).
+
+    fast: the shape-static decode step (None = on CUDA for a model in eval mode); same tokens.
+    cuda_graphs: capture the fast step as a CUDA graph (None = on CUDA); falls back to eager
+    with a warning when asked for explicitly but impossible. decode_kernel: attention of the
+    fast step, "triton" (flash decoding; None = on CUDA) or "torch".
     """
     config = model.config
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     _check_options(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p)
+    if num_beams > 1 and do_sample:
+        raise GenerationError("beam sampling is not supported; use num_beams=1 with do_sample=True")
+    if decode_kernel not in (None, "triton", "torch"):
+        raise GenerationError(f"decode_kernel must be 'triton', 'torch' or None, got {decode_kernel!r}")
     encoder_hidden = model.encode(input_ids, attention_mask)
     mask = None if attention_mask is None else attention_mask.bool()
+    on_cuda = input_ids.is_cuda
+    if fast is None:
+        fast = on_cuda and not model.training
+    if fast:
+        kernel = decode_kernel or ("triton" if on_cuda else "torch")
+        if kernel == "triton" and mask is not None and not _right_padded(mask):
+            kernel = "torch"  # the kernel takes key lengths; the torch path reads any mask
+        cache = model.new_static_cache(encoder_hidden, mask, max_new_tokens, rows_per_input=num_beams,
+                                       kernel=kernel)
+        step = FastStep(model, cache, on_cuda if cuda_graphs is None else cuda_graphs,
+                        warn_on_fallback=cuda_graphs is True)
+    else:
+        if num_beams > 1:  # each input row becomes num_beams rows: [B, ...] -> [B*K, ...]
+            encoder_hidden = encoder_hidden.repeat_interleave(num_beams, dim=0)
+            mask = None if mask is None else mask.repeat_interleave(num_beams, dim=0)
+        step = BasicStep(model, model.new_cache(encoder_hidden, mask, max_new_tokens))
     if num_beams > 1:
-        if do_sample:
-            raise GenerationError("beam sampling is not supported; use num_beams=1 with do_sample=True")
-        # Each input row becomes num_beams rows: [B, ...] -> [B*K, ...]
-        encoder_hidden = encoder_hidden.repeat_interleave(num_beams, dim=0)
-        mask = None if mask is None else mask.repeat_interleave(num_beams, dim=0)
-        cache = model.new_cache(encoder_hidden, mask, max_new_tokens)
-        return _beam_search(model, cache, input_ids.shape[0], num_beams, max_new_tokens, length_penalty,
+        return _beam_search(model, step, input_ids.shape[0], num_beams, max_new_tokens, length_penalty,
                             early_stopping, eos, pad, progress)
-    cache = model.new_cache(encoder_hidden, mask, max_new_tokens)
     generator = None
     if do_sample:
         generator = torch.Generator(device=input_ids.device)
         generator.manual_seed(torch.seed() if seed is None else seed)
-    return _sample_or_greedy(model, cache, input_ids.shape[0], max_new_tokens, eos, pad, do_sample,
+    return _sample_or_greedy(model, step, input_ids.shape[0], max_new_tokens, eos, pad, do_sample,
                              temperature, top_k, top_p, generator, progress)
+
+
+def _right_padded(mask: Tensor) -> bool:
+    """Ones then zeros in every row, at least one token (what key lengths describe); one host sync."""
+    lengths = mask.sum(-1)
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return bool(((mask == (positions[None, :] < lengths[:, None])).all() & (lengths > 0).all()))
+
+
+class BasicStep:
+    """One decoder token per row through `model.decode` and the growing-view `KVCache`."""
+
+    def __init__(self, model, cache) -> None:
+        self.model, self.cache = model, cache
+        self.device = model.embed.weight.device
+        self.sync_every = 1  # check "all rows finished" after every token, as the reference does
+
+    def __call__(self, tokens: Tensor) -> Tensor:  # [B, 1] -> float logits [B, V]
+        return self.model.decode(tokens, cache=self.cache)[:, -1].float()
+
+    def reorder(self, rows: Tensor) -> None:
+        self.cache.reorder(rows)
+
+
+class FastStep:
+    """`model.decode_step` over a `StaticKVCache`, replayed as a CUDA graph after the first token.
+
+    The first call runs eagerly (on a side stream on CUDA: it compiles the kernels and warms
+    up cuBLAS); the second captures the step once, then every call replays it. Capture runs nothing, so the cache is not
+    touched; every replay reads the token buffer and the device-side cache length. Where
+    capture is impossible (no CUDA, a capture error), steps stay eager.
+    The returned logits live in the graph's output buffer until the next call.
+    """
+
+    def __init__(self, model, cache, use_graph: bool, warn_on_fallback: bool = False) -> None:
+        self.model, self.cache = model, cache
+        self.device = cache.position.device
+        self.use_graph = use_graph
+        self.warn_on_fallback = warn_on_fallback
+        self.graph = None
+        self.fallback_reason: str | None = None
+        self.calls = 0
+        # A host check per token would stall the replayed graphs: check every 8 tokens, trim after.
+        self.sync_every = 8 if self.device.type == "cuda" else 1
+
+    def _eager(self, tokens: Tensor) -> Tensor:
+        return self.model.decode_step(tokens, self.cache).float()
+
+    def __call__(self, tokens: Tensor) -> Tensor:  # [B, 1] -> float logits [B, V]
+        self.calls += 1
+        if self.use_graph and self.calls == 2:  # captured lazily: a one-token generation never pays for it
+            self._try_capture(tokens)
+        if self.graph is not None:
+            self.static_tokens.copy_(tokens)
+            self.graph.replay()
+            return self.static_logits
+        if not (self.use_graph and self.calls == 1 and self.device.type == "cuda"):
+            return self._eager(tokens)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            logits = self._eager(tokens)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return logits
+
+    def _try_capture(self, tokens: Tensor) -> None:
+        try:
+            self.static_tokens = tokens.clone()
+            self.graph, self.static_logits = _capture_graph(lambda: self._eager(self.static_tokens), self.device)
+        except Exception as err:  # noqa: BLE001 - any capture failure means: decode eagerly
+            self.graph, self.use_graph = None, False
+            self.fallback_reason = f"{type(err).__name__}: {err}"
+            if self.warn_on_fallback:
+                warnings.warn(f"CUDA graph capture failed ({self.fallback_reason}); decoding eagerly", stacklevel=4)
+
+    def reorder(self, rows: Tensor) -> None:
+        self.cache.reorder(rows)
+
+
+def _capture_graph(step: Callable[[], Tensor], device: torch.device):
+    """Record `step` as a CUDA graph: (graph, its output tensor). Raises where it cannot."""
+    if device.type != "cuda":
+        raise RuntimeError(f"CUDA graphs need a CUDA device, the model is on {device}")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 def _check_options(max_new_tokens: int, num_beams: int, do_sample: bool, temperature: float, top_k: int,
@@ -85,29 +200,33 @@ def _check_options(max_new_tokens: int, num_beams: int, do_sample: bool, tempera
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _sample_or_greedy(model, cache, batch: int, max_new_tokens: int, eos: int, pad: int, do_sample: bool,
+def _sample_or_greedy(model, step_fn, batch: int, max_new_tokens: int, eos: int, pad: int, do_sample: bool,
                       temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
                       progress: Progress | None) -> Tensor:
-    device = cache.cross_k[0].device if cache.cross_k else model.embed.weight.device
-    tokens = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+    device = step_fn.device
+    out = torch.full((batch, 1 + max_new_tokens), pad, dtype=torch.long, device=device)
+    out[:, 0] = model.config.decoder_start_token_id
+    tokens = out[:, :1].clone()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    out = [tokens]
+    # Tokens produced while some row was unfinished: the reference stops right after the last one.
+    needed = torch.zeros((), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        logits = model.decode(tokens, cache=cache)[:, -1].float()  # [B, V]
+        logits = step_fn(tokens)  # [B, V] float
         if do_sample:
             probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             next_tokens = logits.argmax(dim=-1)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+        needed += (~finished).any().long()
         finished |= next_tokens == eos
+        out[:, step + 1] = next_tokens
         tokens = next_tokens[:, None]
-        out.append(tokens)
         if progress is not None:
             progress(step + 1, max_new_tokens)
-        if bool(finished.all()):
+        if (step + 1) % step_fn.sync_every == 0 and bool(finished.all()):
             break
-    return torch.cat(out, dim=1)
+    return out[:, : 1 + int(needed)]
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -133,9 +252,9 @@ def _gather_beams(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 1, index.expand(*index.shape[:2], *x.shape[2:]))
 
 
-def _beam_search(model, cache, batch: int, num_beams: int, max_new_tokens: int, length_penalty: float,
+def _beam_search(model, step_fn, batch: int, num_beams: int, max_new_tokens: int, length_penalty: float,
                  early_stopping: bool | str, eos: int, pad: int, progress: Progress | None) -> Tensor:
-    device = cache.cross_k[0].device if cache.cross_k else model.embed.weight.device
+    device = step_fn.device
     K, max_len, NEG = num_beams, 1 + max_new_tokens, -1.0e9
     keep = 2 * K  # candidates per step: enough that K survive even if K of them end in EOS
     running = torch.full((batch, K, max_len), pad, dtype=torch.long, device=device)
@@ -152,7 +271,7 @@ def _beam_search(model, cache, batch: int, num_beams: int, max_new_tokens: int, 
     cur_len = 1
     while True:
         tokens = running[:, :, cur_len - 1].reshape(batch * K, 1)
-        logits = model.decode(tokens, cache=cache)[:, -1].float()  # [B*K, V]
+        logits = step_fn(tokens)  # [B*K, V] float
         vocab = logits.shape[-1]
         scores = F.log_softmax(logits, dim=-1).view(batch, K, vocab) + running_scores[:, :, None]
         top_scores, top_index = torch.topk(scores.view(batch, K * vocab), keep)  # [B, 2K]
@@ -166,7 +285,7 @@ def _beam_search(model, cache, batch: int, num_beams: int, max_new_tokens: int, 
         survivors = torch.topk(alive_scores, K).indices
         running = _gather_beams(candidates, survivors)
         running_scores = _gather_beams(alive_scores, survivors)
-        cache.reorder((_gather_beams(parent, survivors) + batch_offset).flatten())
+        step_fn.reorder((_gather_beams(parent, survivors) + batch_offset).flatten())
 
         # Candidates among the top K that stopped compete with the finished hypotheses.
         generated = cur_len  # tokens generated including this one
