@@ -14,15 +14,16 @@ def reference_attention(q, k, v, table, *, bidirectional=True, num_buckets=32, m
     """
     lq, lk = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-1, -2)  # T5: no 1/sqrt(d)
-    rel = torch.arange(lk)[None, :] - (torch.arange(lq)[:, None] + q_offset)
+    dev = q.device
+    rel = torch.arange(lk, device=dev)[None, :] - (torch.arange(lq, device=dev)[:, None] + q_offset)
     if table is not None:
         bucket = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
         scores = scores + table[bucket].permute(2, 0, 1).to(scores.dtype)  # [H, Lq, Lk]
-    visible = torch.ones(q.shape[0], 1, lq, lk, dtype=torch.bool)
+    visible = torch.ones(q.shape[0], 1, lq, lk, dtype=torch.bool, device=dev)
     if causal:
         visible = visible & (rel <= 0)
     if key_lengths is not None:
-        visible = visible & (torch.arange(lk)[None, None, None, :] < key_lengths.cpu().view(-1, 1, 1, 1))
+        visible = visible & (torch.arange(lk, device=dev)[None, None, None, :] < key_lengths.to(dev).view(-1, 1, 1, 1))
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return probs @ v

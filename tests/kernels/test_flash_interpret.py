@@ -6,14 +6,22 @@ bucket (those give errors of 1e-2 and up); bf16 inputs carry 8 mantissa bits, so
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+import pytest
+import torch
+
+# The interpreter is chosen when a kernel is decorated, so this must precede the first triton
+# import. On a CUDA machine the compiled kernels must stay compiled for test_flash_gpu.py
+# (pytest imports every module of this folder), unless the caller asked for the interpreter.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+elif os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CUDA present: test_flash_gpu.py covers the compiled kernels; run this file alone with "
+                "TRITON_INTERPRET=1 for the interpreter", allow_module_level=True)
 
 import math  # noqa: E402
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
 triton = pytest.importorskip("triton", reason="triton is not installed")
+import triton.language as tl  # noqa: E402
 
 from t5core.kernels import flash_attention, flash_attention_varlen, relative_position_bucket  # noqa: E402
 from t5core.kernels import bucket as bucket_mod  # noqa: E402
@@ -148,7 +156,24 @@ def test_key_length_zero_gives_zero_rows():
     run_and_compare(2, 2, 17, 40, 32, with_table=False, key_lengths=[23, 0])
 
 
+@triton.jit
+def _bf16_dot_probe(A, C):
+    offs = tl.arange(0, 16)
+    a = tl.load(A + offs[:, None] * 16 + offs[None, :])
+    tl.store(C + offs[:, None] * 16 + offs[None, :], tl.dot(a, a))
+
+
+def interpreter_bf16_dot_works() -> bool:
+    a = torch.randn(16, 16).bfloat16()
+    c = torch.empty(16, 16)
+    _bf16_dot_probe[(1,)](a, c)
+    return torch.allclose(c, a.float() @ a.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_bf16():
+    if not interpreter_bf16_dot_works():
+        pytest.skip("this Triton's interpreter computes bf16 tl.dot wrongly (seen on 3.9: errors ~1e10 "
+                    "on a plain 16x16 dot); bf16 is covered by test_flash_gpu.py")
     run_and_compare(2, 2, 130, 130, 64, dtype=torch.bfloat16, tol=BF16_TOL, key_lengths=[130, 77])
 
 

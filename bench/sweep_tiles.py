@@ -1,0 +1,89 @@
+"""Tile sweep for the t5core flash kernels, in one process (one device call).
+
+    python bench/sweep_tiles.py [--lengths 4096,16384] [--json OUT.json]
+
+Each variant sets T5CORE_* environment knobs (read by kernels/flash.py at every call):
+T5CORE_TILE_{FWD,DQ,DKDV}=BMxBN[xWARPSxSTAGES], T5CORE_NEAR=block|lut. Prints forward and
+forward+backward TFLOP/s (fwd 4BHL^2D, fwd+bwd 2.5x) for bf16, H=12, D=64, B*L=16k.
+"""
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+FWD_VARIANTS = [
+    dict(T5CORE_TILE_FWD="128x64x8x3"),
+    dict(T5CORE_TILE_FWD="128x64x4x3"),
+    dict(T5CORE_TILE_FWD="64x64x4x3"),
+    dict(T5CORE_TILE_FWD="128x128x8x2"),
+    dict(T5CORE_TILE_FWD="128x32x4x3"),
+    dict(T5CORE_TILE_FWD="128x64x8x3", T5CORE_NEAR="lut"),
+    dict(T5CORE_TILE_FWD="64x64x4x3", T5CORE_NEAR="lut"),
+    dict(T5CORE_TILE_FWD="128x64x8x3", buckets="4/2"),  # almost no near tiles: the far-loop speed
+    dict(T5CORE_TILE_FWD="128x64x8x3", buckets="none"),  # no bias at all
+]
+BWD_VARIANTS = [
+    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="128x64x8x2", T5CORE_TILE_DKDV="64x128x8x2"),
+    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="64x64x4x3"),
+    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x64x4x3"),
+    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3", T5CORE_NEAR="lut"),
+    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3", buckets="4/2"),
+    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3", buckets="none"),
+]
+
+
+def run(variant, L, mode, H=12, D=64, tokens=16384):
+    from t5core.kernels import flash_attention
+
+    knobs = {k: v for k, v in variant.items() if k.startswith("T5CORE")}
+    for k in ("T5CORE_TILE_FWD", "T5CORE_TILE_DQ", "T5CORE_TILE_DKDV", "T5CORE_NEAR"):
+        os.environ.pop(k, None)
+    os.environ.update(knobs)
+    B = max(1, tokens // L)
+    nb, md = (32, 128)
+    buckets = variant.get("buckets")
+    if buckets and buckets != "none":
+        nb, md = (int(x) for x in buckets.split("/"))
+    grad = mode == "fwd_bwd"
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+    table = None if buckets == "none" else torch.randn(nb, H, device="cuda", requires_grad=grad)
+    fn = lambda: flash_attention(q, k, v, table, num_buckets=nb, max_distance=md)  # noqa: E731
+    if grad:
+        dout = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+        step = lambda: fn().backward(dout)  # noqa: E731
+    else:
+        step = fn
+    step()
+    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    flops = 4 * B * H * L * L * D * (2.5 if grad else 1.0)
+    return flops / ms / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="4096,16384")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows = []
+    for mode, variants in (("fwd", FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS)):
+        for variant in variants:
+            cells = []
+            for L in lengths:
+                try:
+                    cells.append(f"{run(variant, L, mode):7.1f}")
+                except Exception as err:  # a tile that does not compile must not stop the sweep
+                    cells.append(f"ERR {type(err).__name__}")
+            rows.append(dict(mode=mode, variant=variant, tflops=cells))
+            print(mode, " ".join(cells), variant, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(lengths=lengths, rows=rows, gpu=torch.cuda.get_device_name()), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""t5core.kernels: Triton kernels for T5 attention with the relative position bias computed in-kernel.
+
+`relative_position_bucket` (torch, identical to transformers' T5) needs no Triton; the attention
+functions need Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU tests).
+"""
+from .bucket import relative_position_bucket
+
+try:
+    from .ops import flash_attention, flash_attention_varlen
+except ImportError as err:  # triton missing: keep the torch bucket function importable
+    _import_error = err
+
+    def flash_attention(*args, **kwargs):
+        raise ImportError(f"t5core.kernels.flash_attention needs triton: {_import_error}")
+
+    def flash_attention_varlen(*args, **kwargs):
+        raise ImportError(f"t5core.kernels.flash_attention_varlen needs triton: {_import_error}")
+
+__all__ = ["flash_attention", "flash_attention_varlen", "relative_position_bucket"]

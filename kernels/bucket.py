@@ -1,0 +1,71 @@
+"""T5 relative position buckets: the torch function and the Triton helper.
+
+There is one definition of the bucket arithmetic: `relative_position_bucket`, a line-for-line
+copy of transformers' `T5Attention._relative_position_bucket` (t5-facts A1: float32 log,
+truncation, min with num_buckets - 1). The kernels never redo that arithmetic on the GPU:
+`bucket_lut` evaluates the torch function once for every rel in [-max_distance, max_distance]
+and the Triton helper `lut_lookup` reads that small table. Beyond +-max_distance the bucket is
+constant per direction (log(n / max_exact) / log(max_distance / max_exact) >= 1 saturates at
+num_buckets - 1), so clamping rel to the table's ends is exact. This keeps the kernels bit
+for bit equal to the reference without depending on how a GPU rounds `log` or a division
+(n = 16, 32, 64 land exactly on bucket boundaries, where one ulp flips the bucket).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # triton is optional for the torch half of this module (CPU-only installs)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+
+
+def relative_position_bucket(
+    rel: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> torch.Tensor:
+    """Bucket of `rel = key_position - query_position`, identical to HF's T5 (t5-facts A1)."""
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).to(torch.long) * num_buckets
+        n = torch.abs(rel)
+    else:
+        # Future keys (rel > 0) get n = 0: they are masked anyway in a causal decoder.
+        n = -torch.min(rel, torch.zeros_like(rel))
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # float32 log then truncation, exactly as the reference does it.
+    if_large = max_exact + (
+        torch.log(n.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
+    return buckets + torch.where(is_small, n, if_large)
+
+
+def bucket_lut(bidirectional: bool, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
+    """int32 [2 * max_distance + 1]: entry i is the bucket of rel = i - max_distance."""
+    rel = torch.arange(-max_distance, max_distance + 1, dtype=torch.long)
+    return relative_position_bucket(rel, bidirectional, num_buckets, max_distance).to(torch.int32).to(device)
+
+
+def far_buckets(bidirectional: bool, num_buckets: int, max_distance: int) -> tuple[int, int]:
+    """(bucket for rel <= -max_distance, bucket for rel >= max_distance): constant far from the diagonal."""
+    rel = torch.tensor([-max_distance, max_distance])
+    left, right = relative_position_bucket(rel, bidirectional, num_buckets, max_distance).tolist()
+    return left, right
+
+
+if triton is not None:
+
+    @triton.jit
+    def lut_lookup(rel, lut_ptr, MAX_DISTANCE: tl.constexpr):
+        """Value of a [2 * MAX_DISTANCE + 1] per-rel table at rel (any shape), rel clamped to +-MAX_DISTANCE.
+
+        With `lut_ptr` = `bucket_lut(...)` this is the bucket of rel; with a per-head row of the
+        bias table gathered through it, it is the bias itself.
+        """
+        idx = tl.minimum(tl.maximum(rel, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
+        return tl.load(lut_ptr + idx)

@@ -1,0 +1,896 @@
+"""FlashAttention-2 with the T5 relative position bias computed inside the kernel.
+
+Scores are `q . k + table[bucket(k - q), h]` with no 1/sqrt(d) scaling (t5-facts A1). The
+bias is never materialised: the kernels read a per-head row of `bias_lut`, the bias of every
+rel in [-max_distance, max_distance] (see `bucket.py`), or small per-call blocks of it.
+
+Tiles are sorted into three kinds per (query block, key block) pair:
+  * far-left:  every rel <= -max_distance, so the bias is one scalar per head (the table at
+    the "far before" bucket); it is folded into the exp2 offset, no per-score work.
+  * far-right: every rel >= +max_distance, likewise with the "far after" bucket.
+  * near:      anything else. The bias of a near tile is Toeplitz and depends only on the
+    tile's offset c = n0 - m0 - q_offset, so a small per-call kernel writes one bias block
+    per (head, c); the near tile starts its score accumulator at that block
+    (tl.dot(q, kT, acc=block)). The causal mask is applied here only.
+Loops run over far-left tiles, then near tiles, then far-right tiles, then at most one
+partial (masked) key tile whose bias is gathered from the per-rel table, so the common case
+pays for no mask and no bias.
+
+Backward (deterministic, no atomics):
+  * `_bwd_dkdv_kernel`: one program per key block walks the query blocks (dk, dv).
+  * `_bwd_dq_kernel`: one program per query block walks the key blocks (dq) and reduces dS
+    into the table gradient: far tiles add their tile sum to one bucket; near tiles use the
+    fact that a bucket is a run of consecutive rel values: with F(t) = sum of dS over
+    rel < t, a run [t0, t1) gets F(t1) - F(t0), and only the run boundaries inside the tile
+    are visited. Each program writes fp32 partials [NUM_BUCKETS]; torch sums them.
+Masked entries (causal, padding, rows and columns past a sequence end) have p = 0, hence
+dS = 0, so they contribute nothing to any gradient.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .bucket import bucket_lut, far_buckets, lut_lookup
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    # fp32 inputs use exact fp32 products (no tf32) so results match a float64 reference.
+    if FP32_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc + a @ b: near tiles start the score accumulator at their bias block, so the bias
+    costs no extra register tile and no extra add (keeps the far loops' occupancy)."""
+    if FP32_DOT:
+        return tl.dot(a, b, acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc)
+
+
+@triton.jit
+def _seq_bounds(b, seqlen_q, seqlen_k, KeyLens, CuQ, CuK, HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(q_start, q_len, k_start, kv_len) of sequence b: rows [q_start, q_start + q_len) etc."""
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b).to(tl.int32)
+        q_len = tl.load(CuQ + b + 1).to(tl.int32) - q_start
+        k_start = tl.load(CuK + b).to(tl.int32)
+        kv_len = tl.load(CuK + b + 1).to(tl.int32) - k_start
+    else:
+        q_start = b * 0
+        q_len = b * 0 + seqlen_q
+        k_start = b * 0
+        kv_len = b * 0 + seqlen_k
+        if HAS_KEYLENS:
+            kv_len = tl.minimum(tl.maximum(tl.load(KeyLens + b).to(tl.int32), 0), seqlen_k)
+    return q_start, q_len, k_start, kv_len
+
+
+@triton.jit
+def _key_regions(m0, q_offset, kv_len, DIST: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Key-tile boundaries for query rows [m0, m0 + BLOCK_M) at positions + q_offset.
+
+    Returns (left_end, right_start, n_full, hi): far-left tiles [0, left_end), near tiles
+    [left_end, right_start), far-right tiles [right_start, n_full), and one masked tile at
+    n_full if n_full < hi. All boundaries are multiples of BLOCK_N.
+    """
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, m0 + BLOCK_M + q_offset)  # keys past the last row's position are masked
+    hi = tl.maximum(hi, 0)
+    n_full = (hi // BLOCK_N) * BLOCK_N
+    # far-left: n0 + BLOCK_N - 1 - (m0 + q_offset) <= -DIST
+    x = m0 + q_offset - DIST - BLOCK_N + 1
+    left_end = tl.where(x >= 0, (x // BLOCK_N + 1) * BLOCK_N, 0)
+    # far-right: n0 - (m0 + BLOCK_M - 1 + q_offset) >= DIST
+    right_start = tl.cdiv(m0 + BLOCK_M - 1 + q_offset + DIST, BLOCK_N) * BLOCK_N
+    left_end = tl.minimum(left_end, n_full)
+    right_start = tl.maximum(tl.minimum(right_start, n_full), left_end)
+    return left_end, right_start, n_full, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Near-tile bias blocks
+# ----------------------------------------------------------------------------------------------
+# Inside a near tile the bias is Toeplitz: bias[i, j] = B(c + j - i) with c = n0 - m0 - q_offset.
+# Every (query block, key block) pair with the same c shares one [BLOCK_M, BLOCK_N] block, and
+# a near tile has one of a handful of c values (c = multiple of min(BLOCK_M, BLOCK_N) - q_offset
+# within (-max_distance - BLOCK_N, max_distance + BLOCK_M)). A tiny kernel writes those blocks
+# per head once per call (a few MB); near tiles then read their block with plain coalesced
+# loads instead of gathering one value per score.
+
+FAR: tl.constexpr = tl.constexpr(0)  # constant bias (or none): folded into the exp2 offset
+NEAR_BLOCK: tl.constexpr = tl.constexpr(1)  # bias from the precomputed block of this tile's c
+NEAR_LUT: tl.constexpr = tl.constexpr(2)  # bias gathered from the per-rel table (any tile)
+
+
+@triton.jit
+def _bias_blocks_kernel(BiasLUT, Blocks, c_first, MAX_DISTANCE: tl.constexpr, ROWS: tl.constexpr,
+                        COLS: tl.constexpr, STEP: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Blocks[h, ci] = bias(c + key - query) for c = c_first + ci * STEP, rows = queries (or keys
+    when TRANSPOSED, for the dk/dv kernel's [keys, queries] tiles)."""
+    ci = tl.program_id(0)
+    h = tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    c = c_first + ci * STEP
+    rows = tl.arange(0, ROWS)[:, None]
+    cols = tl.arange(0, COLS)[None, :]
+    if TRANSPOSED:
+        rel = c + rows - cols
+    else:
+        rel = c + cols - rows
+    bias = lut_lookup(rel, BiasLUT + h * (2 * MAX_DISTANCE + 1), MAX_DISTANCE)
+    tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols, bias)
+
+
+def near_c_range(max_distance: int, rows: int, cols: int, q_offset: int) -> tuple[int, int]:
+    """(c_first, n_blocks): the c values of near tiles for tiles of `rows` queries x `cols` keys."""
+    step = min(rows, cols)
+    lo, hi = -max_distance - cols + 2, max_distance + rows - 2  # c of tiles neither far-left nor far-right
+    c_first = lo + ((-q_offset - lo) % step)
+    return c_first, max((hi - c_first) // step + 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head, c_first,
+               far_bias, kv_len, start, end, m0, q_offset, offs_m, offs_n, offs_d,
+               MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+               MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK_K:
+            kmask = cols < kv_len
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        if MODE == FAR:
+            # Far tile: the bias is the scalar far_bias for every score; fold it into the offset.
+            qk = _dot(q, tl.trans(k), FP32_DOT)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * LOG2E + far_bias)
+            m_safe = m_new
+            p = tl.math.exp2(qk * LOG2E - (m_new - far_bias)[:, None])
+        else:
+            if HAS_BIAS and MODE == NEAR_BLOCK:
+                ci = (start_n - m0 - q_offset - c_first) // STEP
+                blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + (offs_m - m0)[:, None] * BLOCK_N
+                              + offs_n[None, :])
+                s = _dot_acc(q, tl.trans(k), blk, FP32_DOT) * LOG2E
+            elif HAS_BIAS:
+                s = (_dot(q, tl.trans(k), FP32_DOT) + lut_lookup(cols[None, :] - q_pos[:, None], bias_row,
+                                                                 MAX_DISTANCE)) * LOG2E
+            else:
+                s = _dot(q, tl.trans(k), FP32_DOT) * LOG2E
+            if CAUSAL:
+                s = tl.where(cols[None, :] <= q_pos[:, None], s, float("-inf"))
+            if MASK_K:
+                s = tl.where(kmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no visible key so far keeps m = -inf; subtract 0 instead (no NaN).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE, BiasLUT, BiasBlocks, KeyLens, CuQ, CuK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
+    HAS_BIAS: tl.constexpr, MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_INTERIOR: tl.constexpr = 1,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start, q_len, k_start, kv_len = _seq_bounds(b, seqlen_q, seqlen_k, KeyLens, CuQ, CuK, HAS_KEYLENS, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
+    k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    rmask = offs_m < q_len
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    q_pos = offs_m + q_offset
+
+    if HAS_BIAS:
+        DIST: tl.constexpr = MAX_DISTANCE
+    else:
+        DIST: tl.constexpr = 1  # no bias: "far" just means fully visible
+    left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
+    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    blk_head = BiasBlocks + h64 * n_blocks * (BLOCK_M * BLOCK_N)
+    if HAS_BIAS:
+        c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
+        c_right = tl.load(bias_row + 2 * MAX_DISTANCE) * LOG2E
+    else:
+        c_left = 0.0
+        c_right = 0.0
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                               c_first, c_left, kv_len, 0, left_end, m0, q_offset, offs_m, offs_n, offs_d,
+                               FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                               c_first, 0.0, kv_len, left_end, right_start, m0, q_offset, offs_m, offs_n, offs_d,
+                               NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                               c_first, c_right, kv_len, right_start, n_full, m0, q_offset, offs_m, offs_n, offs_d,
+                               FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
+    if n_full < hi:  # the one partial key tile: masked, and its bias gathered (it may be far)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                   blk_head, c_first, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
+                                   offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT,
+                                   BLOCK_M, BLOCK_N)
+
+    # Rows with no visible key (key length 0, fully masked) output 0 and lse = +inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # base-2 logsumexp
+    o_base = Out + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_om
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=rmask[:, None])
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=rmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(Out, DO, Delta, CuQ,
+                      stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                      stride_lb, stride_lh, num_heads, seqlen_q,
+                      IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32 (the softmax backward's row term)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start, q_len, k_start, kv_len = _seq_bounds(b, seqlen_q, seqlen_q, CuQ, CuQ, CuQ, False, IS_VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m < q_len
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rows = q_start.to(tl.int64) + offs_m
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + rows, delta, mask=rmask)
+
+
+@triton.jit
+def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, q_pos,
+              bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, far_bias, kv_len, start, end, m0,
+              q_offset, offs_m, offs_n, offs_d, nb_idx,
+              MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+              MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK_K:
+            kmask = cols < kv_len
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        if MODE == FAR:
+            qk = _dot(q, tl.trans(k), FP32_DOT)
+            p = tl.math.exp2(qk * LOG2E - (lse - far_bias)[:, None])
+        else:
+            if HAS_BIAS and MODE == NEAR_BLOCK:
+                ci = (start_n - m0 - q_offset - c_first) // STEP
+                blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + (offs_m - m0)[:, None] * BLOCK_N
+                              + offs_n[None, :])
+                s = _dot_acc(q, tl.trans(k), blk, FP32_DOT) * LOG2E
+            elif HAS_BIAS:
+                s = (_dot(q, tl.trans(k), FP32_DOT) + lut_lookup(cols[None, :] - q_pos[:, None], bias_row,
+                                                                 MAX_DISTANCE)) * LOG2E
+            else:
+                s = _dot(q, tl.trans(k), FP32_DOT) * LOG2E
+            p = tl.math.exp2(s - lse[:, None])
+            if CAUSAL:
+                p = tl.where(cols[None, :] <= q_pos[:, None], p, 0.0)
+            if MASK_K:
+                p = tl.where(kmask[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), FP32_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, FP32_DOT)
+        if HAS_BIAS:
+            if MODE == FAR:
+                acc_rows += tl.sum(ds, 1)
+            else:
+                # Per-bucket sums of dS without a bucket per score: a bucket is a run of rel
+                # values (a "segment"), so with F(t) = sum of dS over rel < t, the segment
+                # [t_s, t_s+1) gets F(t_s+1) - F(t_s). Only the boundaries inside this tile's
+                # rel range are visited (a few near the diagonal, one or two elsewhere).
+                c = start_n - m0 - q_offset
+                seg_lo = lut_lookup(c - (BLOCK_M - 1), SegLUT, MAX_DISTANCE)
+                seg_hi = lut_lookup(c + (BLOCK_N - 1), SegLUT, MAX_DISTANCE)
+                f_prev = tl.sum(tl.zeros([BLOCK_M], dtype=tl.float32), 0)
+                for seg in range(seg_lo, seg_hi):
+                    t = tl.load(SegStart + seg + 1)
+                    # rel < t  <=>  key index < t + query position (no [BLOCK_M, BLOCK_N] int tile)
+                    f_t = tl.sum(tl.sum(tl.where(cols[None, :] < (t + q_pos)[:, None], ds, 0.0), 1), 0)
+                    acc_nb += tl.where(nb_idx == tl.load(SegBucket + seg), f_t - f_prev, 0.0)
+                    f_prev = f_t
+                total = tl.sum(tl.sum(ds, 1), 0)
+                acc_nb += tl.where(nb_idx == tl.load(SegBucket + seg_hi), total - f_prev, 0.0)
+    return dq, acc_rows, acc_nb
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, Delta, BiasLUT, BiasBlocks, SegLUT, SegStart, SegBucket, DTablePart, KeyLens, CuQ, CuK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh,
+    stride_pb, stride_ph, stride_pm,
+    num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
+    HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr,
+    FAR_LEFT_BUCKET: tl.constexpr, FAR_RIGHT_BUCKET: tl.constexpr,
+    MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_INTERIOR: tl.constexpr = 1,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start, q_len, k_start, kv_len = _seq_bounds(b, seqlen_q, seqlen_k, KeyLens, CuQ, CuK, HAS_KEYLENS, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    nb_idx = tl.arange(0, NB_POW2)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rows = q_start.to(tl.int64) + offs_m
+    rmask = offs_m < q_len
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    # Rows past the end get lse = +inf, hence p = 0 and dS = 0.
+    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + rows, mask=rmask, other=float("inf"))
+    delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + rows, mask=rmask, other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    q_pos = offs_m + q_offset
+
+    if HAS_BIAS:
+        DIST: tl.constexpr = MAX_DISTANCE
+    else:
+        DIST: tl.constexpr = 1
+    left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
+    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    blk_head = BiasBlocks + h64 * n_blocks * (BLOCK_M * BLOCK_N)
+    if HAS_BIAS:
+        c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
+        c_right = tl.load(bias_row + 2 * MAX_DISTANCE) * LOG2E
+    else:
+        c_left = 0.0
+        c_right = 0.0
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
+    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, c_left,
+                                     kv_len, 0, left_end, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
+                                     FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
+    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, 0.0,
+                                     kv_len, left_end, right_start, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
+                                     NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
+    dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                      stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket,
+                                      c_right, kv_len, right_start, n_full, m0, q_offset, offs_m, offs_n, offs_d,
+                                      nb_idx, FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                      BLOCK_N)
+    if n_full < hi:
+        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                         stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
+                                         SegBucket, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
+                                         offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
+                                         FP32_DOT, BLOCK_M, BLOCK_N)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+    if HAS_BIAS:
+        acc_nb += tl.where(nb_idx == FAR_LEFT_BUCKET, tl.sum(acc_left, 0), 0.0)
+        acc_nb += tl.where(nb_idx == FAR_RIGHT_BUCKET, tl.sum(acc_right, 0), 0.0)
+        tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, acc_nb,
+                 mask=nb_idx < NUM_BUCKETS)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0, blk_head,
+                c_first, far_bias, q_len, q_offset, start, end, offs_m, offs_n, offs_d,
+                MODE: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+                FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Transposed orientation: scores^T [BLOCK_N keys, BLOCK_M queries], so dk and dv need no transposes.
+    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        rmask = rows < q_len
+        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        lse = tl.load(lse_base + rows, mask=rmask, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+        if MODE == FAR:
+            qk_t = _dot(k, tl.trans(q), FP32_DOT)
+            p_t = tl.math.exp2(qk_t * LOG2E - (lse - far_bias)[None, :])
+        else:
+            if HAS_BIAS:
+                ci = (n0 - start_m - q_offset - c_first) // STEP
+                blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + offs_n[:, None] * BLOCK_M + offs_m[None, :])
+                s = _dot_acc(k, tl.trans(q), blk, FP32_DOT) * LOG2E
+            else:
+                s = _dot(k, tl.trans(q), FP32_DOT) * LOG2E
+            p_t = tl.math.exp2(s - lse[None, :])
+            if CAUSAL:
+                p_t = tl.where(cols[:, None] <= (rows + q_offset)[None, :], p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, FP32_DOT)
+        dp_t = _dot(v, tl.trans(do), FP32_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, FP32_DOT)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, Delta, BiasLUT, BiasBlocksT, KeyLens, CuQ, CuK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
+    HAS_BIAS: tl.constexpr, MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start, q_len, k_start, kv_len = _seq_bounds(b, seqlen_q, seqlen_k, KeyLens, CuQ, CuK, HAS_KEYLENS, IS_VARLEN)
+    if IS_VARLEN:
+        store_len = kv_len  # rows past this document belong to the next one
+    else:
+        store_len = b * 0 + seqlen_k  # padded keys get a zero gradient
+    n0 = pid_n * BLOCK_N
+    if n0 >= store_len:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = n0 + offs_n
+    kmask = cols < kv_len
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    k_rows = k_start.to(tl.int64) + cols
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if HAS_BIAS:
+        DIST: tl.constexpr = MAX_DISTANCE
+    else:
+        DIST: tl.constexpr = 1
+    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    blk_head = BiasBlocksT + h64 * n_blocks * (BLOCK_M * BLOCK_N)
+    if HAS_BIAS:
+        c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
+        c_right = tl.load(bias_row + 2 * MAX_DISTANCE) * LOG2E
+    else:
+        c_left = 0.0
+        c_right = 0.0
+    if n0 < kv_len:
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
+        do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start.to(tl.int64) * stride_dom
+        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q_start
+        delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start
+        lo = b * 0
+        if CAUSAL:
+            lo = (tl.maximum(n0 - q_offset, 0) // BLOCK_M) * BLOCK_M  # earlier rows see none of these keys
+        # far-right (keys far after the queries): m0 + BLOCK_M - 1 + q_offset <= n0 - DIST
+        x = n0 - DIST - q_offset - BLOCK_M + 1
+        right_end = tl.where(x >= 0, (x // BLOCK_M + 1) * BLOCK_M, 0)
+        if CAUSAL:
+            right_end = lo  # those tiles are wholly masked
+        # far-left (keys far before the queries): m0 + q_offset >= n0 + BLOCK_N - 1 + DIST
+        left_start = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + DIST - q_offset, 0), BLOCK_M) * BLOCK_M
+        right_end = tl.minimum(tl.maximum(right_end, lo), q_len)
+        left_start = tl.minimum(tl.maximum(left_start, right_end), q_len)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                             blk_head, c_first, c_right, q_len, q_offset, lo, right_end, offs_m, offs_n, offs_d,
+                             FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                             blk_head, c_first, 0.0, q_len, q_offset, right_end, left_start, offs_m, offs_n,
+                             offs_d, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                             blk_head, c_first, c_left, q_len, q_offset, left_start, q_len, offs_m, offs_n, offs_d,
+                             FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N)
+    # Keys past the key length get exactly zero (their p was not masked above).
+    dk = tl.where(kmask[:, None], dk, 0.0)
+    dv = tl.where(kmask[:, None], dv, 0.0)
+    smask = (cols < store_len)[:, None]
+    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + k_rows[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=smask)
+    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + k_rows[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=smask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile configurations
+# ----------------------------------------------------------------------------------------------
+# Each kernel has one tile shape per (GPU family, precision) -- the near-tile bias blocks are
+# laid out for it -- and a small autotune over warps and pipeline stages (keyed on head dim,
+# dtype, mask flags and a power-of-two length bucket). The interpreter uses one small tile
+# (fast CPU tests that still have far, near and partial tiles). T5CORE_AUTOTUNE=0 takes the
+# first (warps, stages) pair.
+
+_INTERPRET = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}  # unequal, like the GPU tiles
+_TILES = {
+    "sm90": {"fwd": (64, 64), "dq": (64, 32), "dkdv": (32, 128)},  # best of the H200 sweep, docs/kernels.md
+    "sm80": {"fwd": (64, 64), "dq": (64, 32), "dkdv": (32, 128)},  # not measured on sm80/sm89: sane defaults
+    "fp32": {"fwd": (64, 32), "dq": (64, 32), "dkdv": (32, 64)},  # exact fp32 dots: more registers
+}
+_WARPS_STAGES = {
+    "sm90": {"fwd": [(4, 3), (8, 3), (4, 4), (4, 2)], "dq": [(4, 3), (8, 2), (4, 2), (8, 3)],
+             "dkdv": [(4, 3), (8, 2), (4, 2), (8, 3)]},
+    "sm80": {"fwd": [(4, 3), (8, 3), (4, 2)], "dq": [(4, 3), (8, 2), (4, 2)], "dkdv": [(4, 3), (8, 2), (4, 2)]},
+    "fp32": {"fwd": [(4, 2), (8, 2)], "dq": [(4, 2), (8, 2)], "dkdv": [(4, 2), (8, 2)]},
+}
+
+
+def _family(fp32: bool) -> str:
+    if fp32:
+        return "fp32"
+    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
+    return "sm90" if major >= 9 else "sm80"
+
+
+def tile(kind: str, fp32: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a kernel: queries x keys per tile."""
+    if _interpreting():
+        return _INTERPRET[kind]
+    override = _tile_override(kind)
+    if override:
+        return override[0], override[1]
+    return _TILES[_family(fp32)][kind]
+
+
+def _tile_override(kind: str):
+    """Tuning runs: T5CORE_TILE_FWD=128x64 (tile) or 128x64x8x3 (tile, warps, stages)."""
+    value = os.environ.get(f"T5CORE_TILE_{kind.upper()}")
+    return tuple(int(x) for x in value.lower().split("x")) if value else None
+
+
+def _near_interior() -> int:
+    # How interior near tiles get their bias: "block" (precomputed blocks) or "lut" (gather).
+    return 2 if os.environ.get("T5CORE_NEAR", "block") == "lut" else 1
+
+
+def _autotune_enabled() -> bool:
+    # Off by default: the first (warps, stages) pair is the measured best on the H200;
+    # T5CORE_AUTOTUNE=1 tunes among the listed pairs per length bucket.
+    return os.environ.get("T5CORE_AUTOTUNE", "0") == "1"
+
+
+_KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
+_TUNE_KEY = ["tune_len", "HEAD_DIM", "HAS_BIAS", "CAUSAL", "HAS_KEYLENS", "IS_VARLEN", "FP32_DOT",
+             "NEAR_INTERIOR", "BLOCK_M", "BLOCK_N"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, family: str):
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in _WARPS_STAGES[family][kind]]
+    return triton.autotune(configs, key=_TUNE_KEY)(_KERNELS[kind])
+
+
+def _launch(kind: str, grid: tuple, fp32: bool, *args, **kwargs):
+    """Launch one kernel: fixed small launch under the interpreter, else autotuned warps/stages."""
+    kernel = _KERNELS[kind]
+    if _interpreting():
+        kernel[grid](*args, **kwargs)
+        return
+    family = _family(fp32)
+    override = _tile_override(kind)
+    if override and len(override) == 4:
+        kernel[grid](*args, num_warps=override[2], num_stages=override[3], **kwargs)
+        return
+    if not _autotune_enabled():
+        warps, stages = _WARPS_STAGES[family][kind][0]
+        kernel[grid](*args, num_warps=warps, num_stages=stages, **kwargs)
+        return
+    _TUNED_USED.add((kind, family))
+    _tuned(kind, family)[grid](*args, **kwargs)
+
+
+def best_configs() -> dict:
+    """The autotuner's choices so far, for benchmark reports: {kernel/family: {key: config}}."""
+    return {f"{kind}/{family}": {str(key): str(cfg) for key, cfg in _tuned(kind, family).cache.items()}
+            for kind in _KERNELS for family in _WARPS_STAGES if _autotune_enabled()
+            and _tuned.cache_info().currsize and (kind, family) in _TUNED_USED}
+
+
+_TUNED_USED: set = set()
+
+
+def _tune_len(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 17)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: layouts, bias tables, launches
+# ----------------------------------------------------------------------------------------------
+
+
+class _BucketTables(NamedTuple):
+    lut: torch.Tensor  # int32 [2 * max_distance + 1]: bucket of rel = i - max_distance
+    seg_lut: torch.Tensor  # int32 [2 * max_distance + 1]: index of the run of equal buckets holding rel
+    seg_start: torch.Tensor  # int32 [n_seg]: first rel of each run (run 0 starts at -infinity)
+    seg_bucket: torch.Tensor  # int32 [n_seg]: bucket of each run
+    far_left: int
+    far_right: int
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_tables(bidirectional: bool, num_buckets: int, max_distance: int, device: torch.device) -> _BucketTables:
+    lut = bucket_lut(bidirectional, num_buckets, max_distance)
+    starts = [0] + [i for i in range(1, lut.numel()) if lut[i] != lut[i - 1]]  # indices where a run begins
+    seg_lut = torch.zeros_like(lut)
+    for seg, i in enumerate(starts):
+        seg_lut[i:] = seg
+    seg_start = torch.tensor([-(1 << 30)] + [i - max_distance for i in starts[1:]], dtype=torch.int32)
+    seg_bucket = lut[starts].to(torch.int32)
+    left, right = far_buckets(bidirectional, num_buckets, max_distance)
+    return _BucketTables(lut.to(device), seg_lut.to(device), seg_start.to(device), seg_bucket.to(device), left, right)
+
+
+def _bias_lut(table: torch.Tensor, bucket_lut_: torch.Tensor) -> torch.Tensor:
+    """[H, 2 * max_distance + 1] fp32: table[bucket(rel), h] for every rel."""
+    return table.float()[bucket_lut_.long()].t().contiguous()
+
+
+def _bias_blocks(bias_lut: torch.Tensor, max_distance: int, rows: int, cols: int, q_offset: int,
+                 transposed: bool):
+    """Near-tile bias blocks for tiles of `rows` queries x `cols` keys: ([H, n, R, C], c_first, n)."""
+    heads = bias_lut.shape[0]
+    c_first, n_blocks = near_c_range(max_distance, rows, cols, q_offset)
+    shape = (cols, rows) if transposed else (rows, cols)
+    blocks = torch.empty((heads, n_blocks, *shape), dtype=torch.float32, device=bias_lut.device)
+    _bias_blocks_kernel[(n_blocks, heads)](bias_lut, blocks, c_first, MAX_DISTANCE=max_distance, ROWS=shape[0],
+                                           COLS=shape[1], STEP=min(rows, cols), TRANSPOSED=transposed)
+    return blocks, c_first, n_blocks
+
+
+class _Layout:
+    """Strides and sizes of either the batched [B, H, L, D] or the packed varlen [T, H, D] layout."""
+
+    def __init__(self, q, k, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+        self.varlen = cu_seqlens_q is not None
+        if self.varlen:
+            self.batch = cu_seqlens_q.numel() - 1
+            self.heads = q.shape[1]
+            self.seqlen_q, self.seqlen_k = max_seqlen_q, max_seqlen_k
+            self.lse_shape = (self.heads, q.shape[0])
+        else:
+            self.batch, self.heads, self.seqlen_q = q.shape[0], q.shape[1], q.shape[2]
+            self.seqlen_k = k.shape[2]
+            self.lse_shape = (self.batch, self.heads, self.seqlen_q)
+        self.head_dim = q.shape[-1]
+
+    def strides(self, x):  # (batch, head, row)
+        if self.varlen:
+            return 0, x.stride(1), x.stride(0)
+        return x.stride(0), x.stride(1), x.stride(2)
+
+    def lse_strides(self, lse):
+        if self.varlen:
+            return 0, lse.stride(0)
+        return lse.stride(0), lse.stride(1)
+
+
+def _check(q, k, v, table, num_buckets, max_distance):
+    d = q.shape[-1]
+    if d < 16 or d > 128 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two in [16, 128], got {d}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    heads = q.shape[-2] if q.dim() == 3 else q.shape[1]
+    if table is not None and (table.dim() != 2 or tuple(table.shape) != (num_buckets, heads)):
+        raise ValueError(f"table must be [num_buckets={num_buckets}, heads={heads}], got {tuple(table.shape)}")
+    if max_distance < 1 or num_buckets < 2:
+        raise ValueError(f"need max_distance >= 1 and num_buckets >= 2, got {max_distance}, {num_buckets}")
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# Tests set this: every output buffer starts as NaN, so an element the kernels fail to write shows.
+POISON_OUTPUTS = False
+
+
+def _new(shape, dtype, device):
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    return buf.fill_(float("nan")) if POISON_OUTPUTS else buf
+
+
+def _dummy(device, dtype=torch.int32):
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            bidirectional, num_buckets, max_distance, causal, q_offset):
+    """Returns (out, lse). lse is the base-2 logsumexp per row (+inf for rows with no key)."""
+    _check(q, k, v, table, num_buckets, max_distance)
+    if q_offset < 0:
+        raise ValueError(f"q_offset must be >= 0, got {q_offset}")
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    lay = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out = _new(q.shape, q.dtype, q.device)
+    lse = _new(lay.lse_shape, torch.float32, q.device)
+    dummy = _dummy(q.device)
+    fp32 = q.dtype == torch.float32
+    block_m, block_n = tile("fwd", fp32)
+    if table is not None:
+        tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
+        bias_lut = _bias_lut(table, tables.lut)
+        blocks, c_first, n_blocks = _bias_blocks(bias_lut, max_distance, block_m, block_n, q_offset, False)
+    else:
+        bias_lut = blocks = _dummy(q.device, torch.float32)
+        c_first, n_blocks = 0, 0
+    _launch(
+        "fwd", (triton.cdiv(lay.seqlen_q, block_m), lay.batch * lay.heads), fp32,
+        q, k, v, out, lse, bias_lut, blocks,
+        key_lengths if key_lengths is not None else dummy,
+        cu_seqlens_q if lay.varlen else dummy, cu_seqlens_k if lay.varlen else dummy,
+        *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out), *lay.lse_strides(lse),
+        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, c_first, n_blocks,
+        _tune_len(max(lay.seqlen_q, lay.seqlen_k)),
+        HAS_BIAS=table is not None, MAX_DISTANCE=max_distance, CAUSAL=causal,
+        HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, NEAR_INTERIOR=_near_interior(),
+    )
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+             bidirectional, num_buckets, max_distance, causal, q_offset):
+    """Returns (dq, dk, dv, dtable); dtable is an empty tensor when table is None."""
+    q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
+    do = do.contiguous()  # autograd may hand us an expanded (stride 0) gradient
+    lay = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dummy = _dummy(q.device)
+    keylens = key_lengths if key_lengths is not None else dummy
+    cu_q = cu_seqlens_q if lay.varlen else dummy
+    cu_k = cu_seqlens_k if lay.varlen else dummy
+    fp32 = q.dtype == torch.float32
+    tune_len = _tune_len(max(lay.seqlen_q, lay.seqlen_k))
+    bh = lay.batch * lay.heads
+
+    delta = _new(lse.shape, torch.float32, q.device)
+    block = 64 if lay.head_dim <= 64 else 32
+    _bwd_delta_kernel[(triton.cdiv(lay.seqlen_q, block), bh)](
+        out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
+        lay.heads, lay.seqlen_q, IS_VARLEN=lay.varlen, HEAD_DIM=lay.head_dim, BLOCK_M=block,
+    )
+
+    has_bias = table is not None
+    dq_m, dq_n = tile("dq", fp32)
+    kv_m, kv_n = tile("dkdv", fp32)
+    if has_bias:
+        tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
+        bias_lut = _bias_lut(table, tables.lut)
+        dq_blocks, dq_c_first, dq_n_blocks = _bias_blocks(bias_lut, max_distance, dq_m, dq_n, q_offset, False)
+        kv_blocks, kv_c_first, kv_n_blocks = _bias_blocks(bias_lut, max_distance, kv_m, kv_n, q_offset, True)
+        seg = (tables.seg_lut, tables.seg_start, tables.seg_bucket)
+        far_left, far_right = tables.far_left, tables.far_right
+        parts = torch.zeros((lay.batch, lay.heads, triton.cdiv(lay.seqlen_q, dq_m), num_buckets),
+                            dtype=torch.float32, device=q.device)
+    else:
+        bias_lut = dq_blocks = kv_blocks = _dummy(q.device, torch.float32)
+        dq_c_first = dq_n_blocks = kv_c_first = kv_n_blocks = 0
+        seg = (dummy, dummy, dummy)
+        far_left = far_right = 0
+        parts = _dummy(q.device, torch.float32).view(1, 1, 1)
+
+    dq = _new(q.shape, q.dtype, q.device)
+    dk = _new(k.shape, k.dtype, k.device)
+    dv = _new(v.shape, v.dtype, v.device)
+    _launch(
+        "dq", (triton.cdiv(lay.seqlen_q, dq_m), bh), fp32,
+        q, k, v, do, dq, lse, delta, bias_lut, dq_blocks, *seg, parts, keylens, cu_q, cu_k,
+        *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dq),
+        *lay.lse_strides(lse), parts.stride(0), parts.stride(1), parts.stride(2),
+        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, dq_c_first, dq_n_blocks, tune_len,
+        HAS_BIAS=has_bias, NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets),
+        FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, MAX_DISTANCE=max_distance, CAUSAL=causal,
+        HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
+        BLOCK_M=dq_m, BLOCK_N=dq_n, NEAR_INTERIOR=_near_interior(),
+    )
+    _launch(
+        "dkdv", (triton.cdiv(lay.seqlen_k, kv_n), bh), fp32,
+        q, k, v, do, dk, dv, lse, delta, bias_lut, kv_blocks, keylens, cu_q, cu_k,
+        *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dk),
+        *lay.strides(dv), *lay.lse_strides(lse),
+        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, kv_c_first, kv_n_blocks, tune_len,
+        HAS_BIAS=has_bias, MAX_DISTANCE=max_distance, CAUSAL=causal,
+        HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
+        BLOCK_M=kv_m, BLOCK_N=kv_n,
+    )
+    if has_bias:
+        # Deterministic: a fixed-order torch sum over (batch, query block) partials.
+        dtable = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
+    else:
+        dtable = torch.empty(0, dtype=q.dtype, device=q.device)
+    return dq, dk, dv, dtable
