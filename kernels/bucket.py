@@ -1,7 +1,7 @@
 """T5 relative position buckets: the torch function and the Triton helper.
 
-There is one definition of the bucket arithmetic: `relative_position_bucket`, a line-for-line
-copy of transformers' `T5Attention._relative_position_bucket` (t5-facts A1: float32 log,
+There is one definition of the bucket arithmetic: `t5core.layers.relative_position_bucket`, a
+line-for-line match of transformers' `T5Attention._relative_position_bucket` (t5-facts A1: float32 log,
 truncation, min with num_buckets - 1). The kernels never redo that arithmetic on the GPU:
 `bucket_lut` evaluates the torch function once for every rel in [-max_distance, max_distance]
 and the Triton helper `lut_lookup` reads that small table. Beyond +-max_distance the bucket is
@@ -12,37 +12,17 @@ for bit equal to the reference without depending on how a GPU rounds `log` or a 
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+# The one torch definition of the bucket arithmetic lives with the bias module; the kernels
+# read it through the LUT below.
+from t5core.layers import relative_position_bucket
 
 try:  # triton is optional for the torch half of this module (CPU-only installs)
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
-
-
-def relative_position_bucket(
-    rel: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
-) -> torch.Tensor:
-    """Bucket of `rel = key_position - query_position`, identical to HF's T5 (t5-facts A1)."""
-    buckets = 0
-    if bidirectional:
-        num_buckets //= 2
-        buckets += (rel > 0).to(torch.long) * num_buckets
-        n = torch.abs(rel)
-    else:
-        # Future keys (rel > 0) get n = 0: they are masked anyway in a causal decoder.
-        n = -torch.min(rel, torch.zeros_like(rel))
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    # float32 log then truncation, exactly as the reference does it.
-    if_large = max_exact + (
-        torch.log(n.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).to(torch.long)
-    if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
-    return buckets + torch.where(is_small, n, if_large)
 
 
 def bucket_lut(bidirectional: bool, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
