@@ -256,7 +256,9 @@ class T5(nn.Module):
 
     def new_cache(self, encoder_hidden: Tensor, encoder_mask: Tensor | None, max_length: int) -> KVCache:
         """A static KV cache for `max_length` decoder tokens; cross-attention K/V computed once here."""
-        cross = [block.cross_attn.project_kv(encoder_hidden) for block in self.decoder.blocks]
+        # Contiguous once here, so the per-step attention reads them without a copy.
+        cross = [tuple(t.contiguous() for t in block.cross_attn.project_kv(encoder_hidden))
+                 for block in self.decoder.blocks]
         mask = None if encoder_mask is None else encoder_mask.bool()
         return KVCache.allocate(self.config, encoder_hidden, cross, mask, max_length)
 
