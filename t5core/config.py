@@ -98,8 +98,12 @@ class T5Config:
 
     @property
     def decoder_attention(self) -> AttentionMode:
-        """The mode of decoder self- and cross-attention: the chosen one if dense, else basic."""
-        return AttentionMode.BASIC if self.attention.is_sparse else self.attention
+        """The mode of decoder self- and cross-attention: the chosen one if dense, else `flash`.
+
+        Sparse encoders are for long inputs, so the decoder's cross-attention over them must
+        stay linear in memory: `flash` (the kernel on CUDA, the chunked torch path on CPU).
+        """
+        return AttentionMode.FLASH if self.attention.is_sparse else self.attention
 
     @property
     def encoder_attention_type(self) -> str | None:

@@ -228,7 +228,7 @@ def test_sparse_mode_is_selectable_on_a_plain_t5_checkpoint(checkpoint_dir, atte
     dense = _encode(load_checkpoint(folder), ids, mask)
     model = load_checkpoint(folder, attention=attention, **wide)
     assert model.config.attention is AttentionMode(attention) and model.encoder.mode is AttentionMode(attention)
-    assert model.decoder.mode is AttentionMode.BASIC
+    assert model.decoder.mode is AttentionMode.FLASH  # linear-memory dense decoder under a sparse encoder
     assert relative_error(_encode(model, ids, mask)[valid], dense[valid]) <= 1e-6
     sparse = _encode(load_checkpoint(folder, attention=attention, **narrow), ids, mask)
     assert relative_error(sparse[valid], dense[valid]) > 1e-3
@@ -277,7 +277,7 @@ def test_transient_global_is_rejected_for_per_layer_bias_tables():
 def test_longt5_config_defaults_to_its_encoder_attention_and_rejects_unknown_types():
     config = T5Config.from_dict({"model_type": "longt5", "encoder_attention_type": "transient-global",
                                  "local_radius": 63, "global_block_size": 8})
-    assert config.attention is AttentionMode.TRANSIENT_GLOBAL and config.decoder_attention is AttentionMode.BASIC
+    assert config.attention is AttentionMode.TRANSIENT_GLOBAL and config.decoder_attention is AttentionMode.FLASH
     assert (config.local_radius, config.global_block_size) == (63, 8)
     assert T5Config.from_dict({"model_type": "longt5"}).attention is AttentionMode.LOCAL  # the reference's default
     assert T5Config.from_dict({"model_type": "t5"}).attention is AttentionMode.BASIC
