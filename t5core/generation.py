@@ -8,10 +8,13 @@ Beam search follows the reference's (transformers >= 4.50) vectorised algorithm,
 beams, scores, length penalty and early stopping match it token for token.
 
 Two ways to run a step, one loop for both (docs/generation.md):
-  * basic: `model.decode(tokens, cache=KVCache)`, the reference path (the CPU default);
-  * fast (the CUDA default): `model.decode_step` over a `StaticKVCache` (fixed shapes, the
-    cache length on the device, flash-decoding kernels), captured once as a CUDA graph and
-    replayed for every token; it falls back to eager where capture is impossible.
+  * basic: `model.decode(tokens, cache=KVCache)`, the reference path (`fast=False`; also used
+    for a model in training mode, since only it applies dropout);
+  * fast (the default): `model.decode_step` over a `StaticKVCache` (fixed shapes, the cache
+    length on the device; on CUDA flash-decoding kernels, captured once as a CUDA graph and
+    replayed for every token, falling back to eager where capture is impossible). On the CPU
+    it runs the same step with torch attention; beam search gains most there, since the
+    beams of one input share its cross-attention K/V.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def generate(
     greedy (default), sampling (`do_sample=True` with temperature/top_k/top_p and an
     optional `seed`), or beam search (`num_beams > 1`, `length_penalty`, `early_stopping`).
 
-    fast: the shape-static decode step (None = on CUDA for a model in eval mode); same tokens.
+    fast: the shape-static decode step (None = for a model in eval mode); same tokens.
     cuda_graphs: capture the fast step as a CUDA graph (None = on CUDA); falls back to eager
     with a warning when asked for explicitly but impossible. decode_kernel: attention of the
     fast step, "triton" (flash decoding; None = on CUDA) or "torch".
@@ -74,7 +77,7 @@ def generate(
     mask = None if attention_mask is None else attention_mask.bool()
     on_cuda = input_ids.is_cuda
     if fast is None:
-        fast = on_cuda and not model.training
+        fast = not model.training
     if fast:
         kernel = decode_kernel or ("triton" if on_cuda else "torch")
         if kernel == "triton" and mask is not None and not _right_padded(mask):
