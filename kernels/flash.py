@@ -112,6 +112,81 @@ def _key_regions(m0, q_offset, kv_len, DIST: tl.constexpr, CAUSAL: tl.constexpr,
 
 
 # ----------------------------------------------------------------------------------------------
+# Sparse patterns (docs/sparse.md): one kernel, the same loops, fewer key tiles
+# ----------------------------------------------------------------------------------------------
+# A sparse pattern is a visibility predicate on (query, key) positions. Both patterns here are
+# symmetric (visible(q, k) == visible(k, q)), so one helper gives the other-axis tiles of a
+# query tile (forward, dq) and of a key tile (dk/dv). Tiles where every pair is visible run
+# the dense loops unchanged (far-left / near / far-right: the far-tile trick still applies
+# when the window is wider than max_distance); the few boundary tiles gather their bias per
+# score and apply the predicate.
+
+DENSE: tl.constexpr = tl.constexpr(0)
+LOCAL: tl.constexpr = tl.constexpr(1)  # |k - q| <= RADIUS
+BLOCK: tl.constexpr = tl.constexpr(2)  # same block of SBLOCK, or k < NUM_GLOBAL, or q < NUM_GLOBAL
+
+
+@triton.jit
+def _visible(q_pos, k_pos, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
+             NUM_GLOBAL: tl.constexpr):
+    """Whether query q_pos sees key k_pos (broadcast shapes) under a sparse pattern."""
+    if PATTERN == LOCAL:
+        return tl.abs(k_pos - q_pos) <= RADIUS
+    else:
+        return ((q_pos // SBLOCK) == (k_pos // SBLOCK)) | (k_pos < NUM_GLOBAL) | (q_pos < NUM_GLOBAL)
+
+
+@triton.jit
+def _sparse_ranges(t0, length, n_full, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
+                   NUM_GLOBAL: tl.constexpr, T: tl.constexpr, U: tl.constexpr):
+    """Tiles of the other axis (starts are multiples of U, positions < length) that the own
+    tile [t0, t0 + T) can see. Returns (lead_end, a0, i0, i1, e1): masked tiles [0, lead_end)
+    and [a0, i0), tiles with every pair visible [i0, i1) (whole tiles, ending at or before
+    n_full), masked tiles [i1, e1). The ranges are disjoint, so a key visible twice over
+    (a leading key inside the query's own block) is still counted once."""
+    end = tl.cdiv(length, U) * U
+    if PATTERN == LOCAL:
+        lead_end = t0 * 0
+        a0 = (tl.maximum(t0 - RADIUS, 0) // U) * U
+        e1 = tl.cdiv(tl.minimum(t0 + T + RADIUS, length), U) * U
+        # every pair visible: n >= t0 + T - 1 - R and n + U - 1 <= t0 + R
+        i0 = tl.cdiv(tl.maximum(t0 + T - 1 - RADIUS, 0), U) * U
+        i1 = ((t0 + RADIUS + 1) // U) * U
+    else:
+        everything = t0 < NUM_GLOBAL  # global rows (or leading keys): every tile, masked
+        lead_end = tl.where(everything, 0, tl.minimum(tl.cdiv(NUM_GLOBAL, U) * U, end))
+        b_first = t0 // SBLOCK
+        b_last = (tl.minimum(t0 + T, length) - 1) // SBLOCK
+        a0 = tl.where(everything, 0, tl.maximum((b_first * SBLOCK // U) * U, lead_end))
+        e1 = tl.where(everything, end, tl.cdiv(tl.minimum((b_last + 1) * SBLOCK, length), U) * U)
+        i0 = tl.where(everything, end, tl.cdiv(b_first * SBLOCK, U) * U)
+        i1 = tl.where(everything | (b_first != b_last), i0, ((b_first + 1) * SBLOCK // U) * U)
+    e1 = tl.maximum(tl.minimum(e1, end), a0)
+    i0 = tl.minimum(tl.maximum(i0, a0), e1)
+    i1 = tl.minimum(tl.maximum(tl.minimum(i1, n_full), i0), e1)
+    live = t0 < length  # an own tile wholly past the length (padding) sees nothing
+    return (tl.where(live, lead_end, 0), tl.where(live, a0, 0), tl.where(live, i0, 0), tl.where(live, i1, 0),
+            tl.where(live, e1, 0))
+
+
+@triton.jit
+def _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN: tl.constexpr, RADIUS: tl.constexpr,
+                       SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key-tile ranges of query tile m0 for the forward and dq kernels: masked [0, lead_end) and
+    [a0, i0), fully visible far-left [i0, f0), near [f0, f1), far-right [f1, i1), masked [i1, e1).
+    Dense: everything below n_full is visible (the one partial tile is the callers' business)."""
+    if PATTERN == DENSE:
+        zero = m0 * 0
+        return zero, zero, zero, left_end, right_start, n_full, n_full  # _key_regions keeps these in [0, n_full]
+    else:
+        lead_end, a0, i0, i1, e1 = _sparse_ranges(m0, kv_len, n_full, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL,
+                                                  BLOCK_M, BLOCK_N)
+        f0 = tl.minimum(tl.maximum(left_end, i0), i1)
+        f1 = tl.minimum(tl.maximum(right_start, f0), i1)
+        return lead_end, a0, i0, f0, f1, i1, e1
+
+
+# ----------------------------------------------------------------------------------------------
 # Near-tile bias blocks
 # ----------------------------------------------------------------------------------------------
 # Inside a near tile the bias is Toeplitz: bias[i, j] = B(c + j - i) with c = n0 - m0 - q_offset.
@@ -163,7 +238,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
                far_bias, kv_len, start, end, m0, q_offset, offs_m, offs_n, offs_d,
                MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
+               NUM_GLOBAL: tl.constexpr):
+    # PATTERN != DENSE: a sparse boundary tile; scores the pattern hides are masked (non-far modes only).
     STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -195,6 +272,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
                 s = tl.where(cols[None, :] <= q_pos[:, None], s, float("-inf"))
             if MASK_K:
                 s = tl.where(kmask[None, :], s, float("-inf"))
+            if PATTERN != DENSE:
+                s = tl.where(_visible(q_pos[:, None], cols[None, :], PATTERN, RADIUS, SBLOCK, NUM_GLOBAL), s,
+                             float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far keeps m = -inf; subtract 0 instead (no NaN).
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -218,6 +298,7 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr, MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_INTERIOR: tl.constexpr = 1,
+    PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -253,28 +334,57 @@ def _fwd_kernel(
         c_left = 0.0
         c_right = 0.0
 
+    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
+                                                          SBLOCK, NUM_GLOBAL, BLOCK_M, BLOCK_N)
+
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                               c_first, c_left, kv_len, 0, left_end, m0, q_offset, offs_m, offs_n, offs_d,
-                               FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                               c_first, 0.0, kv_len, left_end, right_start, m0, q_offset, offs_m, offs_n, offs_d,
-                               NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                               c_first, c_right, kv_len, right_start, n_full, m0, q_offset, offs_m, offs_n, offs_d,
-                               FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
-    if n_full < hi:  # the one partial key tile: masked, and its bias gathered (it may be far)
+    if PATTERN != DENSE:  # sparse boundary tiles before the visible run (leading keys, window start)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                   blk_head, c_first, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
-                                   offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT,
-                                   BLOCK_M, BLOCK_N)
+                                   blk_head, c_first, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n,
+                                   offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                   BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                   blk_head, c_first, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n,
+                                   offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                   BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                               c_first, c_left, kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d,
+                               FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                               DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                               c_first, 0.0, kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d,
+                               NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                               DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                               c_first, c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
+                               FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                               DENSE, 0, 1, 0)
+    # Masked tiles after the run, their bias gathered from the per-rel table (they may be far):
+    # the one partial key tile (dense; a plain `if`, so the dense kernel compiles as before its
+    # sparse patterns), the window end / block end (sparse).
+    if PATTERN == DENSE:
+        if n_full < hi:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                       blk_head, c_first, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset,
+                                       offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
+                                       FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                   blk_head, c_first, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
+                                   NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
 
-    # Rows with no visible key (key length 0, fully masked) output 0 and lse = +inf.
+    # Rows with no visible key (key length 0, fully masked) output 0 and lse = +inf; so do
+    # padded query rows of a sparse pattern (encoder self-attention: query i is real iff key i is).
     empty = l_i == 0.0
+    if PATTERN != DENSE:
+        empty = empty | (offs_m >= kv_len)
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if PATTERN != DENSE:
+        out = tl.where(empty[:, None], 0.0, out)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # base-2 logsumexp
     o_base = Out + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_om
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
@@ -318,7 +428,8 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
               q_offset, offs_m, offs_n, offs_d, nb_idx,
               MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
               MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
+              NUM_GLOBAL: tl.constexpr):
     STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -348,6 +459,8 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
                 p = tl.where(cols[None, :] <= q_pos[:, None], p, 0.0)
             if MASK_K:
                 p = tl.where(kmask[None, :], p, 0.0)
+            if PATTERN != DENSE:
+                p = tl.where(_visible(q_pos[:, None], cols[None, :], PATTERN, RADIUS, SBLOCK, NUM_GLOBAL), p, 0.0)
         dp = _dot(do, tl.trans(v), FP32_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, FP32_DOT)
@@ -390,6 +503,7 @@ def _bwd_dq_kernel(
     MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_INTERIOR: tl.constexpr = 1,
+    PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -432,29 +546,52 @@ def _bwd_dq_kernel(
         c_left = 0.0
         c_right = 0.0
 
+    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
+                                                          SBLOCK, NUM_GLOBAL, BLOCK_M, BLOCK_N)
+
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
-    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, c_left,
-                                     kv_len, 0, left_end, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
-                                     FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
-    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, 0.0,
-                                     kv_len, left_end, right_start, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
-                                     NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N)
-    dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                      stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket,
-                                      c_right, kv_len, right_start, n_full, m0, q_offset, offs_m, offs_n, offs_d,
-                                      nb_idx, FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
-                                      BLOCK_N)
-    if n_full < hi:
+    if PATTERN != DENSE:
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                          stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                         SegBucket, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
-                                         offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
-                                         FP32_DOT, BLOCK_M, BLOCK_N)
+                                         SegBucket, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n, offs_d,
+                                         nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                         BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                         stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
+                                         SegBucket, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n, offs_d,
+                                         nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                         BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, c_left,
+                                     kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
+                                     FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                     DENSE, 0, 1, 0)
+    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, 0.0,
+                                     kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
+                                     NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                     DENSE, 0, 1, 0)
+    dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                      stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket,
+                                      c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
+                                      nb_idx, FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                      BLOCK_N, DENSE, 0, 1, 0)
+    if PATTERN == DENSE:
+        if n_full < hi:
+            dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                             stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
+                                             SegBucket, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
+                                             offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
+                                             FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    else:
+        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                         stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
+                                         SegBucket, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
+                                         nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                         BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
     if HAS_BIAS:
@@ -466,9 +603,10 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0, blk_head,
-                c_first, far_bias, q_len, q_offset, start, end, offs_m, offs_n, offs_d,
+                c_first, far_bias, q_len, q_offset, start, end, offs_m, offs_n, offs_d, bias_row,
                 MODE: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-                FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_DISTANCE: tl.constexpr,
+                PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr):
     # Transposed orientation: scores^T [BLOCK_N keys, BLOCK_M queries], so dk and dv need no transposes.
     STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
     for start_m in range(start, end, BLOCK_M):
@@ -482,15 +620,20 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
             qk_t = _dot(k, tl.trans(q), FP32_DOT)
             p_t = tl.math.exp2(qk_t * LOG2E - (lse - far_bias)[None, :])
         else:
-            if HAS_BIAS:
+            if HAS_BIAS and MODE == NEAR_BLOCK:
                 ci = (n0 - start_m - q_offset - c_first) // STEP
                 blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + offs_n[:, None] * BLOCK_M + offs_m[None, :])
                 s = _dot_acc(k, tl.trans(q), blk, FP32_DOT) * LOG2E
+            elif HAS_BIAS:  # sparse boundary tiles: bias gathered per score
+                s = (_dot(k, tl.trans(q), FP32_DOT) + lut_lookup(cols[:, None] - (rows + q_offset)[None, :],
+                                                                 bias_row, MAX_DISTANCE)) * LOG2E
             else:
                 s = _dot(k, tl.trans(q), FP32_DOT) * LOG2E
             p_t = tl.math.exp2(s - lse[None, :])
             if CAUSAL:
                 p_t = tl.where(cols[:, None] <= (rows + q_offset)[None, :], p_t, 0.0)
+            if PATTERN != DENSE:
+                p_t = tl.where(_visible(rows[None, :], cols[:, None], PATTERN, RADIUS, SBLOCK, NUM_GLOBAL), p_t, 0.0)
         dv += _dot(p_t.to(do.dtype), do, FP32_DOT)
         dp_t = _dot(v, tl.trans(do), FP32_DOT)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -512,6 +655,7 @@ def _bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr, MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -566,17 +710,41 @@ def _bwd_dkdv_kernel(
             right_end = lo  # those tiles are wholly masked
         # far-left (keys far before the queries): m0 + q_offset >= n0 + BLOCK_N - 1 + DIST
         left_start = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + DIST - q_offset, 0), BLOCK_M) * BLOCK_M
-        right_end = tl.minimum(tl.maximum(right_end, lo), q_len)
-        left_start = tl.minimum(tl.maximum(left_start, right_end), q_len)
+        if PATTERN == DENSE:
+            lead_end = lo * 0
+            a0 = lo
+            i0 = lo
+            i1 = q_len
+            e1 = q_len
+        else:  # the query tiles that see this key tile (both patterns are symmetric); padded rows have lse = +inf
+            lead_end, a0, i0, i1, e1 = _sparse_ranges(n0, kv_len, tl.cdiv(kv_len, BLOCK_M) * BLOCK_M, PATTERN,
+                                                      RADIUS, SBLOCK, NUM_GLOBAL, BLOCK_N, BLOCK_M)
+        right_end = tl.minimum(tl.maximum(right_end, i0), i1)
+        left_start = tl.minimum(tl.maximum(left_start, right_end), i1)
+        if PATTERN != DENSE:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
+                                 n0, blk_head, c_first, 0.0, q_len, q_offset, 0, lead_end, offs_m, offs_n, offs_d,
+                                 bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
+                                 n0, blk_head, c_first, 0.0, q_len, q_offset, a0, i0, offs_m, offs_n, offs_d,
+                                 bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                             blk_head, c_first, c_right, q_len, q_offset, lo, right_end, offs_m, offs_n, offs_d,
-                             FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N)
+                             blk_head, c_first, c_right, q_len, q_offset, i0, right_end, offs_m, offs_n, offs_d,
+                             bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
                              blk_head, c_first, 0.0, q_len, q_offset, right_end, left_start, offs_m, offs_n,
-                             offs_d, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N)
+                             offs_d, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                             DENSE, 0, 1, 0)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                             blk_head, c_first, c_left, q_len, q_offset, left_start, q_len, offs_m, offs_n, offs_d,
-                             FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N)
+                             blk_head, c_first, c_left, q_len, q_offset, left_start, i1, offs_m, offs_n, offs_d,
+                             bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0)
+        if PATTERN != DENSE:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
+                                 n0, blk_head, c_first, 0.0, q_len, q_offset, i1, e1, offs_m, offs_n, offs_d,
+                                 bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
     # Keys past the key length get exactly zero (their p was not masked above).
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
@@ -646,7 +814,7 @@ def _autotune_enabled() -> bool:
 
 _KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
 _TUNE_KEY = ["tune_len", "HEAD_DIM", "HAS_BIAS", "CAUSAL", "HAS_KEYLENS", "IS_VARLEN", "FP32_DOT",
-             "NEAR_INTERIOR", "BLOCK_M", "BLOCK_N"]
+             "NEAR_INTERIOR", "BLOCK_M", "BLOCK_N", "PATTERN"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -789,10 +957,42 @@ def _dummy(device, dtype=torch.int32):
     return torch.empty(1, dtype=dtype, device=device)
 
 
+class Pattern(NamedTuple):
+    """A sparse pattern for the kernels (docs/sparse.md); `Pattern()` is dense attention.
+
+    kind: 0 dense, 1 local (|k - q| <= radius), 2 block (same block of block_size, or a key or
+    query among the first num_global). Sparse patterns are encoder self-attention: query row i
+    is real iff key i is (key_lengths), and padded query rows output 0.
+    """
+    kind: int = 0
+    radius: int = 0
+    block_size: int = 1
+    num_global: int = 0
+
+    def constexprs(self) -> dict:
+        return dict(PATTERN=self.kind, RADIUS=self.radius, SBLOCK=self.block_size, NUM_GLOBAL=self.num_global)
+
+
+DENSE_PATTERN = Pattern()
+
+
+def _check_pattern(pattern: Pattern, q, k, causal, q_offset, varlen):
+    if pattern.kind == 0:
+        return
+    if pattern.kind not in (1, 2):
+        raise ValueError(f"unknown sparse pattern kind {pattern.kind} (1 local, 2 block)")
+    if causal or q_offset or varlen or q.shape[-2] != k.shape[-2]:
+        raise ValueError("sparse patterns are encoder self-attention: same query and key length, not causal, "
+                         "no q_offset, not varlen")
+    if pattern.radius < 0 or pattern.block_size < 1 or pattern.num_global < 0:
+        raise ValueError(f"bad sparse pattern {pattern}: need radius >= 0, block_size >= 1, num_global >= 0")
+
+
 def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            bidirectional, num_buckets, max_distance, causal, q_offset):
+            bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN):
     """Returns (out, lse). lse is the base-2 logsumexp per row (+inf for rows with no key)."""
     _check(q, k, v, table, num_buckets, max_distance)
+    _check_pattern(pattern, q, k, causal, q_offset, cu_seqlens_q is not None)
     if q_offset < 0:
         raise ValueError(f"q_offset must be >= 0, got {q_offset}")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
@@ -819,13 +1019,13 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         _tune_len(max(lay.seqlen_q, lay.seqlen_k)),
         HAS_BIAS=table is not None, MAX_DISTANCE=max_distance, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, NEAR_INTERIOR=_near_interior(),
+        BLOCK_M=block_m, BLOCK_N=block_n, NEAR_INTERIOR=_near_interior(), **pattern.constexprs(),
     )
     return out, lse
 
 
 def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             bidirectional, num_buckets, max_distance, causal, q_offset):
+             bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN):
     """Returns (dq, dk, dv, dtable); dtable is an empty tensor when table is None."""
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
     do = do.contiguous()  # autograd may hand us an expanded (stride 0) gradient
@@ -876,7 +1076,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         HAS_BIAS=has_bias, NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets),
         FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, MAX_DISTANCE=max_distance, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
-        BLOCK_M=dq_m, BLOCK_N=dq_n, NEAR_INTERIOR=_near_interior(),
+        BLOCK_M=dq_m, BLOCK_N=dq_n, NEAR_INTERIOR=_near_interior(), **pattern.constexprs(),
     )
     _launch(
         "dkdv", (triton.cdiv(lay.seqlen_k, kv_n), bh), fp32,
@@ -886,7 +1086,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, kv_c_first, kv_n_blocks, tune_len,
         HAS_BIAS=has_bias, MAX_DISTANCE=max_distance, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
-        BLOCK_M=kv_m, BLOCK_N=kv_n,
+        BLOCK_M=kv_m, BLOCK_N=kv_n, **pattern.constexprs(),
     )
     if has_bias:
         # Deterministic: a fixed-order torch sum over (batch, query block) partials.

@@ -21,16 +21,19 @@ def _lse_shape(q: Tensor, varlen: bool):
 # ---- fixed-length [B, H, L, D] ---------------------------------------------------------------
 
 
+# The trailing (pattern, radius, block_size, num_global) describe a sparse pattern
+# (flash.Pattern; 0 = dense): the sparse modes are the same op over fewer key tiles.
 @torch.library.custom_op("t5core::flash_attention_fwd", mutates_args=())
 def _fwd(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], key_lengths: Optional[Tensor],
-         bidirectional: bool, num_buckets: int, max_distance: int, causal: bool, q_offset: int
-         ) -> tuple[Tensor, Tensor]:
-    return flash.forward(q, k, v, table, key_lengths, None, None, 0, 0,
-                         bidirectional, num_buckets, max_distance, causal, q_offset)
+         bidirectional: bool, num_buckets: int, max_distance: int, causal: bool, q_offset: int,
+         pattern: int = 0, radius: int = 0, block_size: int = 1, num_global: int = 0) -> tuple[Tensor, Tensor]:
+    return flash.forward(q, k, v, table, key_lengths, None, None, 0, 0, bidirectional, num_buckets, max_distance,
+                         causal, q_offset, flash.Pattern(pattern, radius, block_size, num_global))
 
 
 @_fwd.register_fake
-def _(q, k, v, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset):
+def _(q, k, v, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset, pattern=0, radius=0,
+      block_size=1, num_global=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(_lse_shape(q, False),
                                                                                      dtype=torch.float32)
 
@@ -38,13 +41,15 @@ def _(q, k, v, table, key_lengths, bidirectional, num_buckets, max_distance, cau
 @torch.library.custom_op("t5core::flash_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Optional[Tensor],
          key_lengths: Optional[Tensor], bidirectional: bool, num_buckets: int, max_distance: int, causal: bool,
-         q_offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return flash.backward(do, q, k, v, out, lse, table, key_lengths, None, None, 0, 0,
-                          bidirectional, num_buckets, max_distance, causal, q_offset)
+         q_offset: int, pattern: int = 0, radius: int = 0, block_size: int = 1, num_global: int = 0
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return flash.backward(do, q, k, v, out, lse, table, key_lengths, None, None, 0, 0, bidirectional, num_buckets,
+                          max_distance, causal, q_offset, flash.Pattern(pattern, radius, block_size, num_global))
 
 
 @_bwd.register_fake
-def _(do, q, k, v, out, lse, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset):
+def _(do, q, k, v, out, lse, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset,
+      pattern=0, radius=0, block_size=1, num_global=0):
     dtable = torch.empty_like(table) if table is not None else q.new_empty(0)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -62,7 +67,7 @@ def _fwd_setup(ctx, inputs, output):
 def _fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, table, key_lengths = ctx.saved_tensors
     dq, dk, dv, dtable = _bwd(dout, q, k, v, out, lse, table, key_lengths, *ctx.params)
-    return dq, dk, dv, (dtable if table is not None else None), None, None, None, None, None, None
+    return (dq, dk, dv, (dtable if table is not None else None)) + (None,) * (len(ctx.params) + 1)
 
 
 _fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -141,6 +146,35 @@ def flash_attention(
     """
     del deterministic
     out, _ = _fwd(q, k, v, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset)
+    return out
+
+
+SPARSE_PATTERNS = {"local": 1, "block": 2}
+
+
+def sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], *, pattern: str,
+    local_radius: int = 127, block_size: int = 512, num_global: int = 16,
+    key_lengths: Optional[Tensor] = None, bidirectional: bool = True, num_buckets: int = 32,
+    max_distance: int = 128,
+) -> Tensor:
+    """Sparse encoder self-attention (docs/sparse.md) by the flash kernels over only the visible tiles.
+
+    pattern "local": query i sees keys with |i - k| <= local_radius; "block": keys in its own
+    block of block_size and the first num_global keys, and the first num_global queries see
+    every key. q, k, v: [B, H, L, D]; key_lengths: [B] ints (right padding): keys and queries
+    at index >= key_lengths[b] are padding, and padded query rows output 0. Bias: the table at
+    bucket(k - q) with true positions. Gradients flow to q, k, v and the table.
+    """
+    if pattern not in SPARSE_PATTERNS:
+        raise ValueError(f"pattern must be one of {sorted(SPARSE_PATTERNS)}, got {pattern!r}")
+    length = q.shape[-2]
+    # A block or a leading part longer than the input changes nothing; clamping keeps the
+    # kernels' compile-time constants few.
+    block_size, num_global = min(block_size, max(length, 1)), min(num_global, length)
+    out, _ = _fwd(q, k, v, table, key_lengths, bidirectional, num_buckets, max_distance, False, 0,
+                  SPARSE_PATTERNS[pattern], local_radius if pattern == "local" else 0,
+                  block_size if pattern == "block" else 1, num_global if pattern == "block" else 0)
     return out
 
 

@@ -108,7 +108,14 @@ def attend_sparse(
     side_kv: tuple[Tensor, Tensor] | None = None,  # transient-global: side keys, values [B, H, G, D]
     dropout_p: float = 0.0,
 ) -> Tensor:  # [B, H, L, D]
-    """Encoder self-attention in a sparse mode; reached through `attention.attend`."""
+    """Encoder self-attention in a sparse mode; reached through `attention.attend`.
+
+    On CUDA, `local` and `block` run the Triton flash kernels over only the visible key tiles
+    (t5core.kernels.sparse_attention); the CPU, dropout, and `transient-global` use the
+    blocked torch functions below (the same function: tests/kernels/test_sparse_*.py).
+    """
+    if _uses_kernel(q, layout.mode, dropout_p):
+        return sparse_kernel_attention(q, k, v, layout=layout, bias=bias, key_mask=key_mask)
     if layout.mode is AttentionMode.LOCAL:
         return local_attention(q, k, v, bias, key_mask, layout.local_radius, dropout_p=dropout_p)
     if layout.mode is AttentionMode.TRANSIENT_GLOBAL:
@@ -119,6 +126,36 @@ def attend_sparse(
     if layout.mode is AttentionMode.BLOCK:
         return block_attention(q, k, v, bias, key_mask, layout.block_size, layout.num_global, dropout_p=dropout_p)
     raise ValueError(f"{layout.mode!r} is not a sparse attention mode")
+
+
+_KERNEL_MODES = {AttentionMode.LOCAL: "local", AttentionMode.BLOCK: "block"}
+
+
+def _uses_kernel(q: Tensor, mode: AttentionMode, dropout_p: float) -> bool:
+    if not q.is_cuda or dropout_p > 0.0 or mode not in _KERNEL_MODES:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sparse_kernel_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, layout: SparseLayout, bias: RelativeBias | None, key_mask: Tensor | None
+) -> Tensor:
+    """`local` / `block` through the Triton kernels (any device Triton runs on; the interpreter on CPU)."""
+    from t5core.kernels import sparse_attention  # lazily: triton is only needed here
+
+    from .attention import key_lengths_from_mask  # lazily: attention imports this module
+
+    key_lengths = None if key_mask is None else key_lengths_from_mask(key_mask)
+    return sparse_attention(
+        q, k, v, None if bias is None else bias.weight, pattern=_KERNEL_MODES[layout.mode],
+        local_radius=layout.local_radius, block_size=layout.block_size, num_global=layout.num_global,
+        key_lengths=key_lengths, bidirectional=True if bias is None else bias.bidirectional,
+        num_buckets=32 if bias is None else bias.num_buckets, max_distance=128 if bias is None else bias.max_distance,
+    )
 
 
 def local_attention(

@@ -9,6 +9,14 @@ and prints a short table last.
 
     python tools/bench_attention.py                    # the full run
     python tools/bench_attention.py --lengths 4096 --peers t5core,sdpa
+    python tools/bench_attention.py --sparse           # sparse modes vs dense flash, 4k..1M tokens
+
+--sparse times t5core's sparse encoder modes (local r=127, block S=512 n=16) and dense flash
+(batch 1, 12 heads, head dim 64, bf16 by default) at 4k, 32k, 128k and 1M tokens: time, peak
+extra memory, and throughput per *visible* score (scores a query may attend to, counted
+exactly per mode: dense L^2, local sum over q of the window clipped to [0, L), block own
+block + leading keys outside it, leading rows L), plus t(1M)/t(128k) per mode and each
+sparse mode's throughput relative to dense flash at the same length.
 """
 from __future__ import annotations
 
@@ -43,6 +51,12 @@ def parse_args():
                    "leaves almost no near-diagonal tiles)")
     p.add_argument("--max-distance", type=int, default=128, help="t5core only")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/attention-<date>.json)")
+    p.add_argument("--sparse", action="store_true", help="time the sparse modes against dense flash instead")
+    p.add_argument("--sparse-lengths", default="4096,32768,131072,1048576")
+    p.add_argument("--sparse-modes", default="dense,local,block")
+    p.add_argument("--local-radius", type=int, default=127)
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--num-global", type=int, default=16)
     return p.parse_args()
 
 
@@ -157,10 +171,147 @@ def measure(fn, mode, q):
     return ms, peak
 
 
+def visible_scores(mode, L, radius, block_size, num_global):
+    """Exact number of (query, key) pairs a mode lets attend, for one head of one length-L row."""
+    if mode == "dense":
+        return L * L
+    q = torch.arange(L, dtype=torch.int64)
+    if mode == "local":
+        return int(((q + radius).clamp(max=L - 1) - (q - radius).clamp(min=0) + 1).sum())
+    if mode == "block":
+        block_start = (q // block_size) * block_size
+        block_len = (block_start + block_size).clamp(max=L) - block_start
+        lead = min(num_global, L)
+        # leading keys outside the query's own block (inside it they are counted once, in the block)
+        lead_outside = lead - ((block_start + block_size).clamp(max=lead) - block_start.clamp(max=lead))
+        per_query = torch.where(q < num_global, torch.full_like(q, L), block_len + lead_outside)
+        return int(per_query.sum())
+    raise ValueError(mode)
+
+
+def time_and_peak(run, long_run):
+    """(median ms, peak extra bytes). Short runs: do_bench after one untimed call, then one call
+    for the peak. Runs of seconds (dense at 1M tokens): one call timed with CUDA events, which
+    also gives the peak; the kernels were compiled at the shorter lengths before."""
+    import triton
+
+    if not long_run:
+        run()  # compile / first call outside the timing
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    torch.cuda.synchronize()
+    if long_run:
+        ms = start.elapsed_time(end)
+    return ms, torch.cuda.max_memory_allocated() - base
+
+
+def sparse_main(args):
+    """Sparse modes vs dense flash: time, memory, throughput per visible score, t(1M)/t(128k)."""
+    from t5core.kernels import flash_attention, sparse_attention
+
+    dtype = getattr(torch, args.dtype)
+    H, D = args.heads, args.head_dim
+    modes, kinds = args.sparse_modes.split(","), args.modes.split(",")
+    params = dict(local=dict(local_radius=args.local_radius),
+                  block=dict(block_size=args.block_size, num_global=args.num_global))
+    results = []
+    for L in (int(x) for x in args.sparse_lengths.split(",")):
+        for mode in modes:
+            scores = visible_scores(mode, L, args.local_radius, args.block_size, args.num_global)
+            for kind in kinds:
+                row = dict(mode=mode, kind=kind, L=L, B=1, H=H, D=D, visible_scores_per_head=scores,
+                           density=scores / (L * L))
+                try:
+                    torch.manual_seed(0)
+                    need_grad = kind == "fwd_bwd"
+                    q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=dtype, requires_grad=need_grad)
+                               for _ in range(3))
+                    table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(need_grad)
+                    if mode == "dense":
+                        fn = lambda: flash_attention(q, k, v, table)  # noqa: E731
+                    else:
+                        fn = lambda: sparse_attention(q, k, v, table, pattern=mode, **params[mode])  # noqa: E731
+                    grad = torch.randn(1, H, L, D, device="cuda", dtype=dtype) if need_grad else None
+
+                    def run():
+                        if need_grad:
+                            fn().backward(grad)
+                        else:
+                            with torch.no_grad():
+                                fn()
+                    ms, peak = time_and_peak(run, long_run=scores * H > 2e11)  # dense beyond 128k
+                    row.update(status="ok", ms=ms, peak_extra_mb=peak / 2**20,
+                               gscores_per_s=scores * H / ms / 1e6)  # visible scores (all heads) per second / 1e9
+                except torch.cuda.OutOfMemoryError:
+                    row["status"] = "OOM"
+                except Exception as err:  # one failing mode must not stop the run
+                    row["status"] = f"error: {type(err).__name__}: {str(err)[:200]}"
+                    traceback.print_exc(limit=3)
+                finally:
+                    q = k = v = table = fn = grad = None
+                    torch.cuda.empty_cache()
+                results.append(row)
+                print(json.dumps(row), flush=True)
+
+    def find(mode, kind, L):
+        return next((r for r in results if r["mode"] == mode and r["kind"] == kind and r["L"] == L
+                     and r.get("status") == "ok"), None)
+
+    lengths = sorted({r["L"] for r in results})
+    summary = []
+    for mode in modes:
+        for kind in kinds:
+            entry = dict(mode=mode, kind=kind)
+            a, b = find(mode, kind, 131072), find(mode, kind, 1048576)
+            entry["t(1M)/t(128k)"] = b["ms"] / a["ms"] if a and b else None
+            for L in lengths:
+                ours, dense = find(mode, kind, L), find("dense", kind, L)
+                entry[f"throughput_vs_dense@{L}"] = (ours["gscores_per_s"] / dense["gscores_per_s"]
+                                                     if ours and dense else None)
+            summary.append(entry)
+
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), gpu=props.name,
+                  torch=torch.__version__, triton=triton.__version__, dtype=args.dtype, heads=H, head_dim=D,
+                  params=params, results=results, summary=summary,
+                  targets="t(1M)/t(128k) <= 9 for local and block; sparse throughput per visible score >= 0.8x dense")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    paths = [Path(args.out) if args.out else ROOT / "bench" / "results" / f"sparse-attention-{stamp}.json"]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / f"sparse-attention-{stamp}.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+
+    print(f"\n{props.name}, {args.dtype}, H={H}, D={D}, batch 1; ms / peak extra MiB / G visible scores per s")
+    print(f"{'mode':6s} {'kind':8s} " + " ".join(f"{L:>26d}" for L in lengths))
+    for mode in modes:
+        for kind in kinds:
+            cells = []
+            for L in lengths:
+                r = next(r for r in results if r["mode"] == mode and r["kind"] == kind and r["L"] == L)
+                cells.append(f"{r['ms']:9.2f} {r['peak_extra_mb']:7.0f} {r['gscores_per_s']:7.1f}"
+                             if r.get("status") == "ok" else r["status"][:26])
+            print(f"{mode:6s} {kind:8s} " + " ".join(f"{c:>26s}" for c in cells))
+    for e in summary:
+        print(f"{e['mode']:6s} {e['kind']:8s} " + ", ".join(
+            f"{k}={v:.2f}" if v is not None else f"{k}=n/a" for k, v in e.items() if k not in ("mode", "kind")))
+
+
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA device")
+    if args.sparse:
+        return sparse_main(args)
     dtype = getattr(torch, args.dtype)
     peers = args.peers.split(",")
     modes = args.modes.split(",")

@@ -8,6 +8,12 @@ converter), bf16, forward = encoder over L tokens + decoder over 128 teacher-for
 transformers eager and sdpa (a peer that runs out of memory is reported as OOM). Also a
 logits agreement check of flash against basic at each length that basic can run.
 Writes JSON under bench/results/ (and $OUT) and prints a table last.
+
+--encoder-modes flash,local,block,transient-global times instead the encoder forward alone
+(`model.encode`, batch 1, bf16, inference mode) in each attention mode at --encoder-lengths
+(default 4k, 32k, 128k, 1,048,576 tokens) with its peak memory; local r=127, block S=512 n=16,
+transient-global r=127 / global blocks of 16 (the config defaults). Runs of 128k tokens and
+more are timed once (a dense 1M-token encoder takes minutes), after warm-up at shorter lengths.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ FLAN_T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layer
                     decoder_start_token_id=0)
 
 
-def measure(fn, warmup_ms: int = 50, rep_ms: int = 300) -> dict:
-    """Median ms and peak memory (GB above the baseline) of fn, or {'error': 'OOM'}."""
+def measure(fn, warmup_ms: int = 50, rep_ms: int = 300, once: bool = False) -> dict:
+    """Median ms and peak memory (GB above the baseline) of fn, or {'error': 'OOM'}.
+
+    once: a single call timed with CUDA events, for runs of seconds to minutes (a dense
+    1M-token encoder); its kernels must have been compiled by an earlier, shorter run."""
     import triton
 
     gc.collect()
@@ -38,7 +47,15 @@ def measure(fn, warmup_ms: int = 50, rep_ms: int = 300) -> dict:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     try:
-        ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        if once:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     except torch.cuda.OutOfMemoryError:
         gc.collect()
         torch.cuda.empty_cache()
@@ -59,7 +76,12 @@ def main() -> int:
     parser.add_argument("--peer-max-length", type=int, default=32768, help="skip transformers beyond this length")
     parser.add_argument("--basic-max-length", type=int, default=16384, help="skip t5core basic beyond this length")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--encoder-modes", default=None,
+                        help="e.g. flash,local,block,transient-global: time only the encoder in these modes")
+    parser.add_argument("--encoder-lengths", type=int, nargs="+", default=[4096, 32768, 131072, 1048576])
     args = parser.parse_args()
+    if args.encoder_modes:
+        return encoder_modes_main(args)
 
     import transformers
 
@@ -130,6 +152,67 @@ def main() -> int:
               f"{cell(row.get('t5core_basic', {'error': 'skipped'})):>20} | {cell(row['transformers_eager']):>20} | "
               f"{cell(row['transformers_sdpa']):>20} | {row.get('speedup_vs_eager', float('nan')):.1f}x")
     return 0
+
+
+def encoder_modes_main(args) -> int:
+    """flan-t5-base-shaped encoder forward per attention mode: time and peak memory, batch 1."""
+    import warnings
+
+    import transformers
+
+    from t5core.sparse import InitialisedWeightsWarning
+    from t5core.weights import load_checkpoint
+
+    device = "cuda"
+    modes = args.encoder_modes.split(",")
+    torch.manual_seed(0)
+    reference = transformers.T5ForConditionalGeneration(transformers.T5Config(**FLAN_T5_BASE))
+    models = {}
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        del reference
+        for mode in modes:
+            with warnings.catch_warnings():  # a plain T5 checkpoint in transient-global: initialised weights
+                warnings.simplefilter("ignore", InitialisedWeightsWarning)
+                models[mode] = load_checkpoint(folder, dtype=torch.bfloat16, device=device, attention=mode).eval()
+    rows = []
+    for length in args.encoder_lengths:
+        generator = torch.Generator(device=device).manual_seed(length)
+        ids = torch.randint(3, 32100, (1, length), device=device, generator=generator)
+        mask = torch.ones_like(ids)
+        row = {"length": length, "batch": 1}
+        with torch.inference_mode():
+            for mode, model in models.items():
+                run = lambda: model.encode(ids, mask)  # noqa: E731
+                row[mode] = measure(run, once=length >= 131072)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    record = {
+        "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
+        "model": "flan-t5-base-shaped encoder, random weights, bf16, batch 1", "rows": rows,
+        "ratios": {mode: _ratio(rows, mode, 131072, 1048576) for mode in modes},
+    }
+    text = json.dumps(record, indent=2) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"encoder-modes-{record['date']}.json").write_text(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"encoder-modes-{record['date']}.json").write_text(text)
+
+    def cell(result: dict) -> str:
+        return f"{result['ms']:.1f} ms {result['peak_gb']:.1f} GB" if "ms" in result else result["error"][:22]
+
+    print(f"\nencoder forward, batch 1, bf16: ms and peak GB\n{'L':>9} | " + " | ".join(f"{m:>22}" for m in modes))
+    for row in rows:
+        print(f"{row['length']:>9} | " + " | ".join(f"{cell(row[m]):>22}" for m in modes))
+    print("t(1M)/t(128k): " + ", ".join(f"{m}={r:.2f}" if r else f"{m}=n/a" for m, r in record["ratios"].items()))
+    return 0
+
+
+def _ratio(rows, mode, short, long):
+    times = {row["length"]: row[mode].get("ms") for row in rows}
+    return times[long] / times[short] if times.get(short) and times.get(long) else None
 
 
 if __name__ == "__main__":

@@ -38,3 +38,29 @@ def reference_varlen(q, k, v, table, cu_q, cu_k, **kwargs):
                                 v[ks].transpose(0, 1)[None], table, **kwargs)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs, 0)
+
+
+def sparse_visible(length, pattern, *, local_radius=0, block_size=1, num_global=0, device=None):
+    """[L, L] bool: query i sees key j under a sparse pattern (docs/sparse.md), written as a mask."""
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    if pattern == "local":
+        return (k - q).abs() <= local_radius
+    if pattern == "block":
+        return (q // block_size == k // block_size) | (k < num_global) | (q < num_global)
+    raise ValueError(pattern)
+
+
+def reference_sparse(q, k, v, table, pattern, *, key_lengths=None, num_buckets=32, max_distance=128, **params):
+    """Sparse encoder self-attention as dense attention with an [L, L] mask: bias at the true
+    distance (bidirectional), padded keys hidden, padded query rows 0 (use float64)."""
+    length = q.shape[-2]
+    scores = q @ k.transpose(-1, -2)  # T5: no 1/sqrt(d)
+    rel = torch.arange(length, device=q.device)[None, :] - torch.arange(length, device=q.device)[:, None]
+    if table is not None:
+        scores = scores + table[relative_position_bucket(rel, True, num_buckets, max_distance)].permute(2, 0, 1)
+    lengths = torch.full((q.shape[0],), length) if key_lengths is None else key_lengths.cpu()
+    real = (torch.arange(length)[None, :] < lengths[:, None]).to(q.device)  # [B, L]
+    visible = sparse_visible(length, pattern, device=q.device, **params)[None, None] & real[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (probs @ v) * real[:, None, :, None]

@@ -1,0 +1,262 @@
+"""The sparse modes (`local`, `block`) of the flash kernels, run by Triton's CPU interpreter.
+
+Each case checks the output and all four gradients (q, k, v, table) against two references:
+the same mode written as dense attention with an [L, L] mask in float64
+(`reference.reference_sparse`), and t5core's blocked torch implementation (t5core/sparse.py,
+also float64). Tolerances are norm-wise relative errors: fp32 with exact (ieee) fp32 dots lands
+near 1e-6, so 1e-5 leaves rounding room and still catches a wrong mask, a key counted twice
+or a wrong distance (those give 1e-2 and up); fp16 carries 11 mantissa bits, so 1e-2.
+Outputs are NaN-poisoned: an element the kernels fail to write shows.
+
+The interpreter's tiles are small and unequal (forward 32x16, dq 32x16, dk/dv 16x32), so these
+lengths give windows and blocks narrower and wider than a tile, blocks that are not tile
+multiples, and tiles that straddle the padding.
+"""
+import os
+
+import pytest
+import torch
+
+# The interpreter is chosen when a kernel is decorated: this must precede the first triton import
+# (see test_flash_interpret.py for why the file skips itself on a CUDA machine).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+elif os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CUDA present: test_sparse_gpu.py covers the compiled kernels; run this file alone with "
+                "TRITON_INTERPRET=1 for the interpreter", allow_module_level=True)
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+import triton.language as tl  # noqa: E402
+
+from t5core.config import AttentionMode, T5Config  # noqa: E402
+from t5core.kernels import flash as flash_mod  # noqa: E402
+from t5core.kernels import sparse_attention  # noqa: E402
+from t5core.layers import RelativeBias  # noqa: E402
+from t5core.sparse import attend_sparse, block_attention, local_attention, make_layout  # noqa: E402
+from t5core.sparse import sparse_kernel_attention  # noqa: E402
+
+from .reference import reference_sparse, sparse_visible  # noqa: E402
+
+if not type(flash_mod._fwd_kernel).__name__.startswith("Interpreted"):
+    pytest.skip("triton kernels were compiled before TRITON_INTERPRET=1 was set; run tests/kernels on its own",
+                allow_module_level=True)
+
+FP32_TOL = 1e-5
+FP16_TOL = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(flash_mod, "POISON_OUTPUTS", True)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def torch_sparse(q, k, v, table, pattern, lengths, num_buckets, max_distance, params):
+    """t5core's blocked torch implementation of the same mode (float64 in, float64 out)."""
+    bias = RelativeBias(num_buckets, max_distance, q.shape[1], bidirectional=True).double()
+    del bias._parameters["weight"]
+    bias.weight = table  # the leaf itself, so gradients reach it
+    valid = torch.arange(q.shape[2])[None, :] < torch.tensor(lengths)[:, None]
+    if pattern == "local":
+        return local_attention(q, k, v, bias, valid, params["local_radius"])
+    return block_attention(q, k, v, bias, valid, params["block_size"], params["num_global"])
+
+
+def run_and_compare(pattern, B, H, L, D, lengths, *, dtype=torch.float32, tol=FP32_TOL, num_buckets=32,
+                    max_distance=128, seed=0, **params):
+    """Kernel output and gradients of q, k, v, table vs the dense masked and the torch blocked references."""
+    g = torch.Generator().manual_seed(seed)
+    q64, k64, v64 = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    table64 = torch.randn(num_buckets, H, generator=g, dtype=torch.float64) * 3
+    # The references see the kernel's (rounded) inputs, in float64.
+    leaves = [t.to(dtype).requires_grad_() for t in (q64, k64, v64, table64)]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    kl = torch.tensor(lengths)
+    dense = reference_sparse(*leaves64, pattern, key_lengths=kl, num_buckets=num_buckets, max_distance=max_distance,
+                             **params)
+    dout = torch.randn(dense.shape, generator=g, dtype=torch.float64)
+    dense_grads = torch.autograd.grad(dense, leaves64, dout)
+    blocked = torch_sparse(*leaves64, pattern, lengths, num_buckets, max_distance, params)
+    blocked_grads = torch.autograd.grad(blocked, leaves64, dout)
+
+    out = sparse_attention(*leaves, pattern=pattern, key_lengths=kl, num_buckets=num_buckets,
+                           max_distance=max_distance, **params)
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+
+    assert out.dtype == dtype and out.shape == dense.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
+    padded_rows = torch.arange(L)[None, :] >= kl[:, None]
+    assert (out.transpose(1, 2)[padded_rows] == 0).all(), "padded query rows must output exactly 0"
+    for name, ref, ref_grads in (("dense", dense, dense_grads), ("blocked", blocked, blocked_grads)):
+        assert rel_err(out, ref) < tol, f"out vs {name}: {rel_err(out, ref):.2e}"
+        for grad_name, grad, ref_grad in zip(["dq", "dk", "dv", "dtable"], grads, ref_grads):
+            assert grad.dtype == dtype and torch.isfinite(grad).all(), f"{grad_name}: unwritten or non-finite"
+            if ref_grad.norm() == 0:
+                assert grad.double().norm() <= tol * max(rg.norm() for rg in ref_grads), f"{grad_name} should be 0"
+            else:
+                assert rel_err(grad, ref_grad) < tol, f"{grad_name} vs {name}: {rel_err(grad, ref_grad):.2e}"
+
+
+# ---- local: |k - q| <= radius ------------------------------------------------------------------
+
+@pytest.mark.parametrize("L", [1, 17, 100, 130, 257])
+def test_local_window_narrower_than_a_tile(L):
+    run_and_compare("local", 2, 2, L, 16, [L, max(L // 2, 1)], local_radius=5, seed=L)
+
+
+@pytest.mark.parametrize("L", [17, 130, 257])
+def test_local_window_wider_than_a_tile(L):
+    run_and_compare("local", 2, 3, L, 32, [L, max(L - 40, 1)], local_radius=40, seed=L + 1)
+
+
+def test_local_radius_zero_sees_only_itself():
+    run_and_compare("local", 1, 2, 50, 16, [50], local_radius=0)
+
+
+def test_local_far_tiles_inside_a_window_wider_than_max_distance():
+    # max_distance 24 < radius 70: the window's interior holds far tiles (one scalar bias per
+    # tile, folded into the exp2 offset) next to near and boundary tiles.
+    run_and_compare("local", 2, 2, 257, 16, [257, 190], local_radius=70, num_buckets=16, max_distance=24)
+
+
+def test_local_fp16():
+    run_and_compare("local", 2, 2, 130, 32, [130, 61], dtype=torch.float16, tol=FP16_TOL, local_radius=20)
+
+
+# ---- block: own block + the first num_global keys; the first num_global queries see all -------
+
+@pytest.mark.parametrize("L,block_size,num_global", [
+    (1, 24, 1),
+    (17, 24, 0),  # one block covers the input: dense
+    (100, 24, 1),  # block not a multiple of the tile
+    (130, 50, 40),  # num_global inside the first block
+    (257, 24, 40),  # num_global > block: leading keys span two blocks, still counted once
+    (257, 7, 3),  # blocks much smaller than a tile
+    (257, 64, 16),  # tile multiples: interior tiles run unmasked
+])
+def test_block(L, block_size, num_global):
+    run_and_compare("block", 2, 2, L, 16, [L, max(L // 3, 1)], block_size=block_size, num_global=num_global,
+                    seed=L + block_size)
+
+
+def test_block_padding_inside_the_leading_tokens():
+    run_and_compare("block", 3, 2, 64, 16, [64, 2, 1], block_size=16, num_global=16)
+
+
+def test_block_far_tiles_inside_a_block_wider_than_max_distance():
+    run_and_compare("block", 1, 2, 257, 16, [240], block_size=128, num_global=5, num_buckets=16, max_distance=24)
+
+
+def test_block_fp16():
+    run_and_compare("block", 2, 2, 130, 32, [130, 77], dtype=torch.float16, tol=FP16_TOL, block_size=48,
+                    num_global=16)
+
+
+def test_key_length_zero_gives_zero_rows_and_no_gradient():
+    run_and_compare("local", 2, 2, 40, 16, [0, 23], local_radius=7)
+    run_and_compare("block", 2, 2, 40, 16, [23, 0], block_size=16, num_global=4)
+
+
+# ---- which tiles are visited -------------------------------------------------------------------
+
+@triton.jit
+def _ranges_probe(Out, length, n_full, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
+                  NUM_GLOBAL: tl.constexpr, T: tl.constexpr, U: tl.constexpr):
+    t = tl.program_id(0)
+    lead_end, a0, i0, i1, e1 = flash_mod._sparse_ranges(t * T, length, n_full, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL,
+                                                        T, U)
+    tl.store(Out + t * 5 + 0, lead_end)
+    tl.store(Out + t * 5 + 1, a0)
+    tl.store(Out + t * 5 + 2, i0)
+    tl.store(Out + t * 5 + 3, i1)
+    tl.store(Out + t * 5 + 4, e1)
+
+
+@pytest.mark.parametrize("pattern,params", [
+    # radii and blocks on both sides of tile multiples, where an off-by-one in a bound shows
+    *[("local", dict(local_radius=r)) for r in (0, 5, 14, 15, 16, 31, 40, 62, 63)],
+    ("block", dict(block_size=24, num_global=1)), ("block", dict(block_size=24, num_global=40)),
+    ("block", dict(block_size=7, num_global=0)), ("block", dict(block_size=64, num_global=16)),
+    ("block", dict(block_size=32, num_global=32)), ("block", dict(block_size=33, num_global=15)),
+])
+@pytest.mark.parametrize("T,U", [(32, 16), (16, 32), (64, 64)])
+def test_tile_ranges_cover_each_visible_pair_once_and_only_tiles_with_one(pattern, params, T, U):
+    """The spec of _sparse_ranges: every visible pair lies in exactly one visited tile; tiles run
+    without a mask are wholly visible and below n_full; every visited tile holds a visible pair."""
+    length = 203
+    n_full = (length // U) * U
+    tiles = triton.cdiv(length, T)
+    out = torch.zeros(tiles * 5, dtype=torch.int32)
+    _ranges_probe[(tiles,)](out, length, n_full, PATTERN={"local": 1, "block": 2}[pattern],
+                            RADIUS=params.get("local_radius", 0), SBLOCK=params.get("block_size", 1),
+                            NUM_GLOBAL=params.get("num_global", 0), T=T, U=U)
+    visible = sparse_visible(length, pattern, **params)
+    for t, (lead_end, a0, i0, i1, e1) in enumerate(out.view(tiles, 5).tolist()):
+        rows = slice(t * T, min(t * T + T, length))
+        assert 0 <= lead_end <= a0 <= i0 <= i1 <= e1 and i1 <= max(n_full, i0)
+        covered = torch.zeros(length, dtype=torch.int32)
+        for start, end, masked in ((0, lead_end, True), (a0, i0, True), (i0, i1, False), (i1, e1, True)):
+            for n in range(start, end, U):
+                block = visible[rows, n : n + U]
+                assert block.any(), f"tile {n} of rows {rows} holds no visible pair"
+                assert masked or (block.all() and n + U <= n_full), f"unmasked tile {n} is not wholly visible"
+                covered[n : n + U] += 1
+        seen = visible[rows].any(0)
+        assert (covered[seen] == 1).all(), "a visible key is missed or visited twice"
+
+
+# ---- the model's route -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,params", [("local", dict(local_radius=9)), ("block", dict(block_size=20,
+                                                                                           num_global=3))])
+def test_kernel_route_equals_the_torch_route(mode, params):
+    """sparse_kernel_attention (what attend_sparse calls on CUDA: key mask -> lengths, the
+    RelativeBias description) gives the torch route's result; on the CPU attend_sparse stays torch."""
+    B, H, L, D = 2, 2, 70, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    bias = RelativeBias(16, 24, H, bidirectional=True)
+    with torch.no_grad():
+        bias.weight.normal_(0, 2.0, generator=g)
+    mask = torch.arange(L)[None, :] < torch.tensor([70, 33])[:, None]
+    layout = make_layout(T5Config(attention=AttentionMode(mode), **params), mask, B, L, None)
+    torch_out = attend_sparse(q, k, v, layout=layout, bias=bias, key_mask=mask)
+    kernel_out = sparse_kernel_attention(q, k, v, layout=layout, bias=bias, key_mask=mask)
+    assert rel_err(kernel_out, torch_out.double()) < FP32_TOL
+
+
+def test_opcheck_sparse_patterns():
+    q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, 2, requires_grad=True)
+    kl = torch.tensor([20])
+    for pattern_args in ((1, 5, 1, 0), (2, 0, 8, 3)):
+        args = (q, k, v, table, kl, True, 32, 128, False, 0, *pattern_args)
+        torch.library.opcheck(torch.ops.t5core.flash_attention_fwd.default, args)
+
+
+def test_torch_compile_traces_sparse_attention_without_graph_breaks():
+    def attend(q, k, v, table):
+        return sparse_attention(q, k, v, table, pattern="block", block_size=8, num_global=2).square().sum()
+
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, 2, requires_grad=True)
+    loss = torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v, table)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v, table)]
+    for t in (q, k, v, table):
+        t.grad = None
+    attend(q, k, v, table).backward()
+    assert torch.allclose(loss, attend(q, k, v, table))
+    for got, want in zip(grads, [t.grad for t in (q, k, v, table)]):
+        assert torch.allclose(got, want)
+
+
+def test_bad_patterns_are_rejected():
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        sparse_attention(q, q, q, None, pattern="global")
+    with pytest.raises(ValueError, match="encoder self-attention"):
+        sparse_attention(q, torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16), None, pattern="local")
