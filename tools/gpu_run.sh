@@ -1,8 +1,11 @@
 #!/bin/bash
-# The whole GPU check-and-benchmark in one device call (t5core is not installed there:
-# t5core.weights and t5core.kernels are linked into the package folder of the copied tree).
-#   bash tools/gpu_run.sh            # outputs under $OUT: logs and JSON
-# Each step has its own time limit, so one slow or failing step does not stop the others.
+# The GPU check-and-benchmark, in as few device calls as the limits allow. t5core is not
+# installed on the device machine: t5core.weights and t5core.kernels are linked into the
+# package folder of the copied tree.
+#   STEPS="tests attention model generate" bash tools/gpu_run.sh     # the default steps
+#   STEPS="sparse_tests sparse_attention encoder_modes" bash tools/gpu_run.sh
+# Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
+# so one slow or failing step does not stop the others.
 set -u
 ln -sfn "$PWD/weights" t5core/weights
 ln -sfn "$PWD/kernels" t5core/kernels
@@ -18,7 +21,22 @@ step() {  # name, seconds, command...
   echo "=== $name: exit $? after $((SECONDS - start))s"
   grep -vE '^\{|Warning|warn\(' "$OUT/$name.txt" | tail -${TAIL:-14}
 }
-step gpu_tests ${T_TESTS:-170} python3 -m pytest -m gpu tests -q -p no:cacheprovider -rs
-step bench_attention ${T_ATTN:-150} python3 tools/bench_attention.py --flex-max-len 16384 --eager-max-len 16384 --out "$OUT/attention.json"
-step bench_model ${T_MODEL:-110} python3 tools/bench_model.py --lengths 1024 8192 16384 131072 --peer-max-length 16384 --basic-max-length 16384 --out "$OUT"
-step bench_generate ${T_GEN:-150} python3 tools/bench_generate.py --sizes 1x512,1x32768,32x512 --budget-s 120 --out "$OUT"
+for s in ${STEPS:-tests attention model generate}; do
+  case $s in
+    tests) step gpu_tests ${T_TESTS:-240} python3 -m pytest -m gpu tests -q -p no:cacheprovider -rs \
+             --deselect tests/kernels/test_sparse_gpu.py ;;
+    attention) step bench_attention ${T_ATTENTION:-150} python3 tools/bench_attention.py \
+             --flex-max-len 16384 --eager-max-len 16384 --out "$OUT/attention.json" ;;
+    model) step bench_model ${T_MODEL:-110} python3 tools/bench_model.py --lengths 1024 8192 16384 131072 \
+             --peer-max-length 16384 --basic-max-length 16384 --out "$OUT" ;;
+    generate) step bench_generate ${T_GENERATE:-150} python3 tools/bench_generate.py \
+             --sizes 1x512,1x8192,1x32768,32x512 --budget-s 120 --out "$OUT" ;;
+    sparse_tests) step sparse_gpu_tests ${T_SPARSE_TESTS:-300} python3 -m pytest -m gpu \
+             tests/kernels/test_sparse_gpu.py -q -p no:cacheprovider -rs ;;
+    sparse_attention) step bench_sparse_attention ${T_SPARSE_ATTENTION:-280} python3 tools/bench_attention.py \
+             --sparse --out "$OUT/sparse-attention.json" ;;
+    encoder_modes) step bench_encoder_modes ${T_ENCODER_MODES:-560} python3 tools/bench_model.py \
+             --encoder-modes flash,local,block,transient-global --out "$OUT" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done

@@ -1,6 +1,6 @@
 """Tile sweep for the t5core flash kernels, in one process (one device call).
 
-    python bench/sweep_tiles.py [--lengths 4096,16384] [--json OUT.json]
+    python tools/sweep_tiles.py [--lengths 4096,16384] [--json OUT.json]
 
 Each variant sets T5CORE_* environment knobs (read by kernels/flash.py at every call):
 T5CORE_TILE_{FWD,DQ,DKDV}=BMxBN[xWARPSxSTAGES], T5CORE_NEAR=block|lut. Prints forward and
