@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .config import AttentionMode, T5Config
 from .layers import RelativeBias, relative_position_bucket
@@ -41,7 +42,7 @@ class SparseLayout:
     num_global: int
     # transient-global only
     block_ids: Tensor | None = None  # [B, L] long: each token's side token; -1 = none (padding)
-    side_bias: Tensor | None = None  # [B, H, L, G] global table at bucket(g - block_id)
+    side_bias_lut: Tensor | None = None  # [H, 2G - 1]: global table at bucket(rel), rel = g - block_id + G - 1
     side_visible: Tensor | None = None  # [B, G] bool: side tokens that hold real tokens
 
     @property
@@ -59,14 +60,15 @@ def make_layout(
     device = global_bias.weight.device
     valid = _valid(key_mask, batch, length, device)
     block_ids, side_visible = global_block_ids(valid, config.global_block_size)
-    side_positions = torch.arange(side_visible.shape[1], device=device)
-    # Side bias: rel = g - block_id(token), bidirectional, with the global table (t5-facts A3).
-    buckets = relative_position_bucket(
-        side_positions[None, None, :] - block_ids[:, :, None], True, global_bias.num_buckets, global_bias.max_distance
-    )
-    side_bias = global_bias.weight[buckets].permute(0, 3, 1, 2)  # [B, L, G, H] -> [B, H, L, G]
+    num_side = side_visible.shape[1]
+    # Side bias: rel = g - block_id(token) in [-(G-1), G-1], bidirectional, with the global table
+    # (t5-facts A3). Kept per rel, not per [L, G] pair, so memory stays linear in L.
+    rel = torch.arange(-(num_side - 1), num_side, device=device)
+    buckets = relative_position_bucket(rel, True, global_bias.num_buckets, global_bias.max_distance)
+    side_bias_lut = global_bias.weight[buckets].t()  # [2G - 1, H] -> [H, 2G - 1]
     return SparseLayout(
-        config.attention, config.local_radius, config.block_size, config.num_global, block_ids, side_bias, side_visible
+        config.attention, config.local_radius, config.block_size, config.num_global, block_ids, side_bias_lut,
+        side_visible,
     )
 
 
@@ -121,7 +123,7 @@ def attend_sparse(
     if layout.mode is AttentionMode.TRANSIENT_GLOBAL:
         if side_kv is None:
             raise ValueError("transient-global attention needs the layer's side keys and values (side_kv)")
-        side = (side_kv[0], side_kv[1], layout.side_bias, layout.side_visible)
+        side = (side_kv[0], side_kv[1], layout.side_bias_lut, layout.side_visible, layout.block_ids)
         return local_attention(q, k, v, bias, key_mask, layout.local_radius, side=side, dropout_p=dropout_p)
     if layout.mode is AttentionMode.BLOCK:
         return block_attention(q, k, v, bias, key_mask, layout.block_size, layout.num_global, dropout_p=dropout_p)
@@ -158,6 +160,12 @@ def sparse_kernel_attention(
     )
 
 
+# Score elements computed at once by the blocked torch paths (fp32: 256 MB): query blocks are
+# processed in chunks of at most this many scores, so memory stays linear in the length even
+# with transient-global's L x G side scores.
+SCORE_BUDGET = 1 << 26
+
+
 def local_attention(
     q: Tensor,
     k: Tensor,
@@ -165,40 +173,76 @@ def local_attention(
     bias: RelativeBias | None,
     key_mask: Tensor | None,
     local_radius: int,
-    side: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,  # side k, v [B,H,G,D], bias [B,H,L,G], visible [B,G]
+    side: tuple[Tensor, ...] | None = None,  # side k, v [B,H,G,D], bias LUT [H,2G-1], visible [B,G], block ids [B,L]
     dropout_p: float = 0.0,
 ) -> Tensor:
     """Each query sees the keys with |q - k| <= local_radius (and, with `side`, the side keys).
 
     Query blocks of local_radius + 1 tokens against their block and its two neighbours
     (3 blocks, zero-padded at the ends): every key within the radius is in that window.
+    Blocks are processed in chunks of SCORE_BUDGET scores (recomputed in the backward).
     """
-    batch, _, length, _ = q.shape
+    batch, heads, length, _ = q.shape
     block = min(local_radius + 1, length)  # one block covers a sequence shorter than the window
     valid = _valid(key_mask, batch, length, q.device)
     q_blocks = _split_blocks(q, block, dim=2)  # [B, H, nb, blk, D]
     k_window = _three_blocks(_split_blocks(k, block, dim=2), block_dim=2)  # [B, H, nb, 3blk, D]
     v_window = _three_blocks(_split_blocks(v, block, dim=2), block_dim=2)
-    valid_queries = _split_blocks(valid, block, dim=1)  # [B, nb, blk]
-    valid_keys = _three_blocks(valid_queries, block_dim=1)  # [B, nb, 3blk]
-
+    valid_keys = _three_blocks(_split_blocks(valid, block, dim=1), block_dim=1)  # [B, nb, 3blk]
     # True distances k - q of the window: query j of a block sits at window position blk + j.
     rel = torch.arange(3 * block, device=q.device)[None, :] - torch.arange(block, block * 2, device=q.device)[:, None]
-    scores = q_blocks @ k_window.transpose(-1, -2)  # [B, H, nb, blk, 3blk]; no 1/sqrt(d) in T5
-    if bias is not None:
-        scores = scores + _bias_at(bias, rel)[:, None].to(scores.dtype)  # [H, 1, blk, 3blk]
-    visible = (rel.abs() <= local_radius) & valid_keys[:, None, :, None, :]  # [B, 1, nb, blk, 3blk]
-    values = [v_window]
+    local_bias = None if bias is None else _bias_at(bias, rel)[:, None]  # [H, 1, blk, 3blk]
+    side_k = side_v = side_lut = side_visible = block_ids = None
     if side is not None:
-        side_k, side_v, side_bias, side_visible = side
-        side_scores = q_blocks @ side_k[:, :, None].transpose(-1, -2)  # [B, H, nb, blk, G]
-        side_scores = side_scores + _split_blocks(side_bias, block, dim=2).to(scores.dtype)
+        side_k, side_v, side_lut, side_visible, block_ids = side
+        # Padding (-1) looks up any entry: padded query rows are zeroed below.
+        block_ids = _split_blocks(block_ids.clamp_min(0), block, dim=1)  # [B, nb, blk]
+    keys_per_query = 3 * block + (0 if side_k is None else side_k.shape[2])
+    step = max(1, SCORE_BUDGET // (batch * heads * block * keys_per_query))
+    recompute = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, local_bias, side_k, side_v, side_lut)
+    )
+    outputs = []
+    for start in range(0, q_blocks.shape[2], step):
+        chunk = slice(start, start + step)
+        args = (q_blocks[:, :, chunk], k_window[:, :, chunk], v_window[:, :, chunk], valid_keys[:, chunk],
+                local_bias, rel, local_radius, side_k, side_v, side_lut, side_visible,
+                None if block_ids is None else block_ids[:, chunk], dropout_p)
+        outputs.append(checkpoint(_local_chunk, *args, use_reentrant=False) if recompute else _local_chunk(*args))
+    out = torch.cat(outputs, dim=2)  # [B, H, nb, blk, D]
+    return _zero_padded_queries(_merge_blocks(out, length), valid)
+
+
+def _local_chunk(
+    q_blocks: Tensor,  # [B, H, n, blk, D]
+    k_window: Tensor,  # [B, H, n, 3blk, D]
+    v_window: Tensor,
+    valid_keys: Tensor,  # [B, n, 3blk]
+    local_bias: Tensor | None,  # [H, 1, blk, 3blk]
+    rel: Tensor,  # [blk, 3blk]
+    local_radius: int,
+    side_k: Tensor | None,  # [B, H, G, D]
+    side_v: Tensor | None,
+    side_lut: Tensor | None,  # [H, 2G - 1]
+    side_visible: Tensor | None,  # [B, G]
+    block_ids: Tensor | None,  # [B, n, blk]
+    dropout_p: float,
+) -> Tensor:  # [B, H, n, blk, D]
+    scores = q_blocks @ k_window.transpose(-1, -2)  # [B, H, n, blk, 3blk]; no 1/sqrt(d) in T5
+    if local_bias is not None:
+        scores = scores + local_bias.to(scores.dtype)
+    visible = (rel.abs() <= local_radius) & valid_keys[:, None, :, None, :]  # [B, 1, n, blk, 3blk]
+    values = [v_window]
+    if side_k is not None:
+        num_side = side_k.shape[2]
+        side_scores = q_blocks @ side_k[:, :, None].transpose(-1, -2)  # [B, H, n, blk, G]
+        index = torch.arange(num_side, device=q_blocks.device) - block_ids[..., None] + (num_side - 1)  # [B, n, blk, G]
+        side_scores = side_scores + side_lut[:, index].movedim(0, 1).to(scores.dtype)  # [H, B, ...] -> [B, H, ...]
         scores = torch.cat([scores, side_scores], dim=-1)
         side_mask = side_visible[:, None, None, None, :].expand(*visible.shape[:-1], -1)
-        visible = torch.cat([visible.expand(batch, -1, -1, -1, -1), side_mask], dim=-1)
+        visible = torch.cat([visible.expand(scores.shape[0], -1, -1, -1, -1), side_mask], dim=-1)
         values.append(side_v[:, :, None])
-    out = _softmax_values(scores, visible, values, dropout_p)  # [B, H, nb, blk, D]
-    return _zero_padded_queries(_merge_blocks(out, length), valid)
+    return _softmax_values(scores, visible, values, dropout_p)
 
 
 def block_attention(

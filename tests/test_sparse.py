@@ -16,6 +16,7 @@ from conftest import random_batch, relative_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from t5core.config import AttentionMode, ConfigError, T5Config
+from t5core import sparse as sparse_module
 from t5core.layers import RelativeBias, relative_position_bucket
 from t5core.sparse import (
     InitialisedWeightsWarning,
@@ -283,3 +284,41 @@ def test_longt5_config_defaults_to_its_encoder_attention_and_rejects_unknown_typ
     assert T5Config.from_dict({"model_type": "t5"}).attention is AttentionMode.BASIC
     with pytest.raises(ConfigError, match="encoder_attention_type 'global'"):
         T5Config.from_dict({"model_type": "longt5", "encoder_attention_type": "global"})
+
+
+# ------------------------------------------------------------- chunked (linear-memory) torch path
+@pytest.mark.parametrize("L,lengths,radius,global_block_size", TGLOBAL_CASES)
+def test_chunked_transient_global_equals_dense_reference_with_gradients(L, lengths, radius, global_block_size,
+                                                                        monkeypatch):
+    """SCORE_BUDGET so small that every query block is its own chunk (recomputed in the backward)."""
+    monkeypatch.setattr(sparse_module, "SCORE_BUDGET", 1)
+    test_transient_global_matches_dense_masked_reference_with_gradients(L, lengths, radius, global_block_size)
+
+
+def test_chunked_local_equals_dense_reference_with_gradients(monkeypatch):
+    monkeypatch.setattr(sparse_module, "SCORE_BUDGET", 2000)  # a few blocks per chunk
+    B, H, L, D, lengths = 2, 2, 61, 8, [61, 30]
+    q, k, v, bias, valid = _inputs(B, H, L, D, lengths, seed=3, grad=True)
+    layout = make_layout(_config("local", local_radius=4), valid, B, L, None)
+    out = attend_sparse(q, k, v, layout=layout, bias=bias, key_mask=valid)
+    expected = dense_local(q, k, v, bias.weight, valid, 4)
+    assert relative_error(out.detach(), expected.detach()) <= TOLERANCE
+    inputs = (q, k, v, bias.weight)
+    for got, want in zip(_grads(out, inputs), _grads(expected, inputs)):
+        assert relative_error(got, want) <= TOLERANCE
+
+
+def test_transient_global_memory_is_bounded_by_the_chunk_budget(monkeypatch):
+    """No [L, G] (or [L, L]) tensor: the side scores of one chunk at a time, plus linear tensors."""
+    budget = 1 << 16
+    monkeypatch.setattr(sparse_module, "SCORE_BUDGET", budget)
+    B, H, L, D = 1, 2, 4096, 8
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    side_k, side_v = (torch.randn(B, H, L // 16, D) for _ in range(2))
+    valid = torch.ones(B, L, dtype=torch.bool)
+    layout = make_layout(_config("transient-global", local_radius=15), valid, B, L, RelativeBias(32, 128, H, True))
+    with _LargestTensor() as probe:
+        attend_sparse(q, k, v, layout=layout, bias=RelativeBias(32, 128, H, True), key_mask=valid,
+                      side_kv=(side_k, side_v))
+    linear = B * H * L * 3 * D  # the key/value windows
+    assert probe.largest <= max(2 * budget, linear) < B * H * L * (L // 16)
