@@ -73,7 +73,7 @@ def attend(
     if mode is AttentionMode.BASIC:
         if isinstance(bias, RelativeBias):
             bias = bias.materialize(q.shape[2], k.shape[2], q_offset)
-        return _attend_block(q, k, v, bias, key_mask, causal, q_offset, 0, dropout_p)
+        return attend_block(q, k, v, bias, key_mask, causal, q_offset, 0, dropout_p)
     if mode is AttentionMode.FLASH:
         if isinstance(bias, Tensor):
             raise TypeError("flash attention takes the RelativeBias description, not a materialised bias")
@@ -85,16 +85,16 @@ def attend(
     raise ValueError(f"attention mode {mode!r} is not implemented")
 
 
-def _attend_block(
+def attend_block(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    bias: Tensor | RelativeBias | None,
-    key_mask: Tensor | None,
-    causal: bool,
-    q_offset: int,
-    q_start: int,
-    dropout_p: float,
+    bias: Tensor | RelativeBias | None,  # materialised [B or 1, H, Lq, Lk], or the description
+    key_mask: Tensor | None,  # [B, Lk] bool, True = visible
+    causal: bool = False,
+    q_offset: int = 0,
+    q_start: int = 0,
+    dropout_p: float = 0.0,
 ) -> Tensor:
     """Reference attention for query rows [q_start, q_start + Lq) of the full query range.
 
@@ -151,9 +151,9 @@ def _attend_chunked(
         q_block = q[:, :, start : start + CPU_QUERY_BLOCK]
         args = (q_block, k, v, bias, key_mask, causal, q_offset, start, dropout_p)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            outputs.append(checkpoint(_attend_block, *args, use_reentrant=False))
+            outputs.append(checkpoint(attend_block, *args, use_reentrant=False))
         else:
-            outputs.append(_attend_block(*args))
+            outputs.append(attend_block(*args))
     return torch.cat(outputs, dim=2)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .attention import attend_block
 from .config import T5Config
 
 
@@ -161,7 +162,7 @@ class StaticKVCache:
         rel = positions[None, :] - (key_lengths[:, None] - 1)  # [B, max_length]: k - q, true positions
         bias = lut[:, rel.clamp(-self.max_distance, self.max_distance) + self.max_distance]  # [H, B, max_length]
         visible = positions[None, :] < key_lengths[:, None]  # causal and written: the same set here
-        return _masked_attention(q, keys, values, bias.transpose(0, 1)[:, :, None, :], visible)
+        return attend_block(q, keys, values, bias.transpose(0, 1)[:, :, None, :], visible)
 
     def attend_cross(self, layer: int, q: Tensor) -> Tensor:
         """Cross-attention of q [B, H, 1, D] over the encoder K/V (no bias; masked to each input's length)."""
@@ -173,7 +174,7 @@ class StaticKVCache:
         group = self.rows_per_input  # [B, H, 1, D] -> [B / group, H, group, D]: beams share their input's keys
         inputs, heads, _, dim = keys.shape
         q_grouped = q.view(inputs, group, heads, dim).transpose(1, 2)
-        out = _masked_attention(q_grouped, keys, values, None, self.encoder_mask)
+        out = attend_block(q_grouped, keys, values, None, self.encoder_mask)
         return out.transpose(1, 2).reshape(inputs * group, heads, 1, dim)
 
     def reorder(self, rows: Tensor) -> None:
@@ -182,15 +183,3 @@ class StaticKVCache:
         for tensors in (self.self_k, self.self_v):
             for t in tensors:
                 t.copy_(t.index_select(0, rows))
-
-
-def _masked_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None, visible: Tensor) -> Tensor:
-    """softmax(q kᵀ + bias, hidden keys -> min) v with the basic path's dtypes (no 1/sqrt(d): T5).
-
-    q [B, H, Lq, D], keys/values [B, H, Lk, D], bias [B or 1, H, Lq, Lk], visible [B, Lk] bool.
-    """
-    scores = torch.matmul(q, keys.transpose(-1, -2))
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    scores = scores.masked_fill(~visible[:, None, None, :], torch.finfo(scores.dtype).min)
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
