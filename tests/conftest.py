@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA, Triton kernels can only run in the interpreter, which is chosen when a kernel is
+# decorated: set it here, before any test module imports triton (tests/kernels/interpreter.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(os.environ.get("T5CORE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # Small configs covering every family feature the parity tests need.

@@ -15,15 +15,10 @@ import warnings
 import pytest
 import torch
 
-# Without CUDA the Triton kernel can only run interpreted; the interpreter is chosen when a
-# kernel is decorated, so this must precede the first triton import (as in tests/kernels).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import build_reference, random_batch, relative_error
 
-from conftest import build_reference, random_batch, relative_error  # noqa: E402
-
-from t5core import generation  # noqa: E402
-from t5core.weights import load_checkpoint  # noqa: E402
+from t5core import generation
+from t5core.weights import load_checkpoint
 
 LENGTHS = [40, 23, 7, 1]  # right-padded batch, including a one-token input
 

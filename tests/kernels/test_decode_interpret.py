@@ -4,28 +4,18 @@ Tolerances (norm-wise relative error): fp32 inputs are multiplied and summed in 
 errors land near 1e-7; 1e-5 leaves room and still catches a wrong bias, mask, bucket or
 split merge (those give 1e-2 and up). bf16 inputs carry 8 mantissa bits: 1e-2.
 """
-import os
-
 import pytest
 import torch
-
-# As in test_flash_interpret.py: the interpreter must be chosen before the first triton import.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-elif os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("CUDA present: test_decode_gpu.py covers the compiled kernels; run this file alone with "
-                "TRITON_INTERPRET=1 for the interpreter", allow_module_level=True)
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from t5core.kernels import decode as decode_mod  # noqa: E402
 from t5core.kernels.decode import decode_attention, decode_bias_lut  # noqa: E402
 
+from .interpreter import rel_err, require_interpreter  # noqa: E402
 from .reference import reference_attention  # noqa: E402
 
-if not type(decode_mod._split_kernel).__name__.startswith("Interpreted"):
-    pytest.skip("triton kernels were compiled before TRITON_INTERPRET=1 was set; run tests/kernels on its own",
-                allow_module_level=True)
+require_interpreter(decode_mod._split_kernel, "test_decode_gpu.py")
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -34,10 +24,6 @@ BF16_TOL = 1e-2
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(decode_mod, "POISON_OUTPUTS", True)
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def decode_reference(q, k, v, table, key_lengths, *, causal, q_per_kv=1, **bias):

@@ -4,21 +4,10 @@ Tolerances (norm-wise relative error ‖x - ref‖ / ‖ref‖): fp32 inputs wit
 dots land near 1e-6, so 1e-5 leaves rounding room and still catches any wrong bias, mask or
 bucket (those give errors of 1e-2 and up); bf16 inputs carry 8 mantissa bits, so 2e-2.
 """
-import os
-
 import pytest
 import torch
 
-# The interpreter is chosen when a kernel is decorated, so this must precede the first triton
-# import. On a CUDA machine the compiled kernels must stay compiled for test_flash_gpu.py
-# (pytest imports every module of this folder), unless the caller asked for the interpreter.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-elif os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("CUDA present: test_flash_gpu.py covers the compiled kernels; run this file alone with "
-                "TRITON_INTERPRET=1 for the interpreter", allow_module_level=True)
-
-import math  # noqa: E402
+import math
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
@@ -27,11 +16,10 @@ from t5core.kernels import flash_attention, flash_attention_varlen, relative_pos
 from t5core.kernels import bucket as bucket_mod  # noqa: E402
 from t5core.kernels import flash as flash_mod  # noqa: E402
 
+from .interpreter import rel_err, require_interpreter  # noqa: E402
 from .reference import reference_attention, reference_varlen  # noqa: E402
 
-if not type(flash_mod._fwd_kernel).__name__.startswith("Interpreted"):
-    pytest.skip("triton kernels were compiled before TRITON_INTERPRET=1 was set; run tests/kernels on its own",
-                allow_module_level=True)
+require_interpreter(flash_mod._fwd_kernel, "test_flash_gpu.py")
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -40,10 +28,6 @@ BF16_TOL = 2e-2
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(flash_mod, "POISON_OUTPUTS", True)
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def run_and_compare(B, H, Lq, Lk, D, *, dtype=torch.float32, tol=FP32_TOL, with_table=True, key_lengths=None,

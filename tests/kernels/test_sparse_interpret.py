@@ -12,18 +12,8 @@ The interpreter's tiles are small and unequal (forward 32x16, dq 32x16, dk/dv 16
 lengths give windows and blocks narrower and wider than a tile, blocks that are not tile
 multiples, and tiles that straddle the padding.
 """
-import os
-
 import pytest
 import torch
-
-# The interpreter is chosen when a kernel is decorated: this must precede the first triton import
-# (see test_flash_interpret.py for why the file skips itself on a CUDA machine).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-elif os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("CUDA present: test_sparse_gpu.py covers the compiled kernels; run this file alone with "
-                "TRITON_INTERPRET=1 for the interpreter", allow_module_level=True)
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
@@ -35,11 +25,10 @@ from t5core.layers import RelativeBias  # noqa: E402
 from t5core.sparse import attend_sparse, block_attention, local_attention, make_layout  # noqa: E402
 from t5core.sparse import sparse_kernel_attention  # noqa: E402
 
+from .interpreter import rel_err, require_interpreter  # noqa: E402
 from .reference import reference_sparse, sparse_visible  # noqa: E402
 
-if not type(flash_mod._fwd_kernel).__name__.startswith("Interpreted"):
-    pytest.skip("triton kernels were compiled before TRITON_INTERPRET=1 was set; run tests/kernels on its own",
-                allow_module_level=True)
+require_interpreter(flash_mod._fwd_kernel, "test_sparse_gpu.py")
 
 FP32_TOL = 1e-5
 FP16_TOL = 1e-2
@@ -48,10 +37,6 @@ FP16_TOL = 1e-2
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(flash_mod, "POISON_OUTPUTS", True)
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def torch_sparse(q, k, v, table, pattern, lengths, num_buckets, max_distance, params):
