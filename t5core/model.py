@@ -229,7 +229,7 @@ class T5(nn.Module):
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids [B, L] -> encoder output [B, L, d_model]."""
         check_ids(input_ids, self.config.vocab_size, "input_ids")
-        mask = _as_mask(attention_mask, input_ids, "attention_mask")
+        mask = _as_mask(attention_mask, input_ids, "attention_mask", self.config.attention)
         return self.encoder(self.embed(input_ids), mask)
 
     def decode(
@@ -248,6 +248,7 @@ class T5(nn.Module):
             check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
             if encoder_hidden is None:
                 raise InputError("decode needs encoder_hidden (or a KVCache made by new_cache)")
+            _check_right_padded(encoder_mask, self.config.decoder_attention, "encoder_mask")
         mask = None if encoder_mask is None else encoder_mask.bool()
         x = self.decoder(self.embed(decoder_input_ids), None, encoder_hidden, mask, cache)
         if self.config.scale_decoder_outputs:
@@ -345,7 +346,8 @@ class T5Encoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids [B, L] -> hidden states [B, L, d_model]."""
         check_ids(input_ids, self.config.vocab_size, "input_ids")
-        return self.encoder(self.embed(input_ids), _as_mask(attention_mask, input_ids, "attention_mask"))
+        mask = _as_mask(attention_mask, input_ids, "attention_mask", self.config.attention)
+        return self.encoder(self.embed(input_ids), mask)
 
     encode = forward
 
@@ -367,12 +369,34 @@ def check_ids(ids: Tensor, vocab_size: int, name: str) -> None:
         )
 
 
-def _as_mask(mask: Tensor | None, ids: Tensor, name: str) -> Tensor | None:
+def _as_mask(mask: Tensor | None, ids: Tensor, name: str, mode: AttentionMode) -> Tensor | None:
     if mask is None:
         return None
     if mask.shape != ids.shape:
         raise InputError(f"{name} has shape {tuple(mask.shape)} but the ids have shape {tuple(ids.shape)}")
+    _check_right_padded(mask, mode, name)
     return mask.bool()
+
+
+# Modes whose kernels describe padding by per-row lengths (right padding only).
+_LENGTH_MODES = (AttentionMode.FLASH, AttentionMode.LOCAL, AttentionMode.BLOCK)
+
+
+def _check_right_padded(mask: Tensor | None, mode: AttentionMode, name: str) -> None:
+    """Reject masks with holes or left padding in the length-based modes (one host sync).
+
+    Checked on every device, so a model behaves the same on the CPU and the GPU; without it
+    the kernels' device-side check would end the CUDA context instead of raising.
+    """
+    if mask is None or mode not in _LENGTH_MODES:
+        return
+    mask = mask.bool()
+    lengths = mask.sum(-1, keepdim=True)
+    if not bool((mask == (torch.arange(mask.shape[-1], device=mask.device) < lengths)).all()):
+        raise InputError(
+            f"{name} is not right-padded (ones then zeros in every row), which attention='{mode.value}' needs: "
+            "pad on the right (t5core's tokenizer does), or load the model with attention='basic'"
+        )
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -141,3 +141,16 @@ def test_mask_shape_mismatch_is_rejected(checkpoint_dir):
 def test_unknown_attention_mode_is_rejected(good_checkpoint):
     with pytest.raises(ConfigError, match="attention='sparse-magic'"):
         load_checkpoint(good_checkpoint, attention="sparse-magic")
+
+
+@pytest.mark.parametrize("attention", ["flash", "local", "block"])
+def test_left_padded_mask_is_rejected_by_length_based_modes(good_checkpoint, attention):
+    """The kernels describe padding by lengths; a left-padded mask gets an error, not a wrong answer."""
+    model = load_checkpoint(good_checkpoint, attention=attention)
+    ids, mask = random_batch(160, [6, 3])
+    left_padded = mask.flip(-1)
+    with pytest.raises(InputError, match="not right-padded.*attention='basic'"):
+        model.encode(ids, left_padded)
+    model.encode(ids, mask)  # right padding is fine
+    basic = load_checkpoint(good_checkpoint, attention="basic")
+    basic.encode(ids, left_padded)  # the reference path takes any mask
