@@ -92,7 +92,8 @@ def load(
     name_or_path: a short name (see `ALIASES`), a hub repo id, or a local checkpoint folder.
     dtype: None keeps the checkpoint's dtype. attention: the encoder self-attention mode,
     "basic", "flash", "local", "block" or "transient-global" (docs/sparse.md); None = the
-    checkpoint's own (LongT5: local or transient-global; otherwise basic). The decoder is dense.
+    checkpoint's own (LongT5: local or transient-global), else "flash" on CUDA and "basic" on
+    the CPU. The decoder is dense.
     local_radius, global_block_size, block_size, num_global: sparse-mode parameters.
     encoder_only: build a `T5Encoder` (the decoder weights are ignored).
     """

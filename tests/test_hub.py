@@ -83,3 +83,22 @@ def test_load_returns_model_and_tokenizer(checkpoint_dir, tmp_path):
     assert model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=3).shape[0] == 2
     encoder, _ = t5core.load(copy, encoder_only=True)
     assert isinstance(encoder, t5core.T5Encoder)
+
+
+def test_default_attention_is_flash_on_cuda_and_basic_elsewhere():
+    from t5core.config import AttentionMode
+    from t5core.weights.load import default_dense_attention
+
+    assert default_dense_attention("cuda", 64) is AttentionMode.FLASH
+    assert default_dense_attention("cuda:1", 128) is AttentionMode.FLASH
+    assert default_dense_attention("cpu", 64) is AttentionMode.BASIC
+    assert default_dense_attention("cuda", 48) is AttentionMode.BASIC  # the kernel needs a power-of-two head dim
+
+
+def test_cpu_default_is_basic_and_an_explicit_mode_is_kept(checkpoint_dir):
+    from t5core.config import AttentionMode
+    from t5core.weights import load_checkpoint
+
+    folder, _ = checkpoint_dir("t5-v1_1")
+    assert load_checkpoint(folder).config.attention is AttentionMode.BASIC  # CPU default
+    assert load_checkpoint(folder, attention="flash").config.attention is AttentionMode.FLASH

@@ -167,6 +167,15 @@ def _short(items: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def default_dense_attention(device: str | torch.device, head_dim: int) -> AttentionMode:
+    """`flash` where its kernel runs (CUDA, head dims that are powers of two in [16, 128]), else `basic`.
+
+    Both compute the same function; on the GPU the kernel is the fast, linear-memory one.
+    """
+    kernel_head_dim = 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0
+    return AttentionMode.FLASH if torch.device(device).type == "cuda" and kernel_head_dim else AttentionMode.BASIC
+
+
 def load_checkpoint(
     folder: str | os.PathLike,
     *,
@@ -183,8 +192,8 @@ def load_checkpoint(
 
     dtype: None keeps the checkpoint's dtype; fp16 keeps `ffn.wo` in fp32 (see model.py).
     attention: the encoder self-attention mode (basic, flash, local, block, transient-global);
-    None = the checkpoint's own (LongT5: its encoder_attention_type; otherwise basic). The
-    decoder stays dense. The sparse parameters override the config's (docs/sparse.md).
+    None = the checkpoint's own (LongT5: its encoder_attention_type), else `flash` on CUDA and
+    `basic` elsewhere (see `default_dense_attention`). The decoder stays dense. The sparse parameters override the config's (docs/sparse.md).
     Transient-global weights a checkpoint lacks are initialised, with one warning.
     """
     folder = Path(folder)
@@ -198,6 +207,8 @@ def load_checkpoint(
         block_size=block_size,
         num_global=num_global,
     )
+    if attention is None and config.attention is AttentionMode.BASIC:
+        config = config.replace(attention=default_dense_attention(device, config.d_kv))
     reader = CheckpointReader(checkpoint_files(folder))
     with torch.device("meta"):
         model = (T5Encoder if encoder_only else T5)(config)
