@@ -79,8 +79,7 @@ class Attention(nn.Module):
             layout=layout,
             side_kv=side_kv,
         )
-        batch, _, length, _ = out.shape
-        return self.o(out.transpose(1, 2).reshape(batch, length, -1))  # [B, H, L, D] -> [B, L, H*D]
+        return self.o(_merge_heads(out))
 
 
 def _merge_heads(x: Tensor) -> Tensor:
