@@ -61,6 +61,7 @@ class CheckpointReader:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._where: dict[str, Path] = {}
         self._bin: dict[str, torch.Tensor] = {}
+        self._open: dict[Path, object] = {}  # safetensors handles by file
         for path in files:
             for name, shape in self._read_header(path):
                 self.shapes[name] = shape
@@ -71,9 +72,10 @@ class CheckpointReader:
             from safetensors import safe_open
 
             try:
-                with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():
-                        yield name, tuple(f.get_slice(name).get_shape())
+                # Kept open (memory-mapped) for `get`: one open per file, not one per tensor.
+                self._open[path] = f = safe_open(str(path), framework="pt")
+                for name in f.keys():
+                    yield name, tuple(f.get_slice(name).get_shape())
             except Exception as e:  # safetensors raises its own SafetensorError / OSError
                 raise CheckpointError(f"cannot read {path}: {e} (is the file truncated or corrupt? re-download it)") from None
         else:
@@ -88,10 +90,7 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         if name in self._bin:
             return self._bin[name]
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        return self._open[self._where[name]].get_tensor(name)
 
 
 def plan_assignment(
