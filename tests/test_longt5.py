@@ -66,8 +66,7 @@ def test_greedy_generation_matches_reference(checkpoint_dir, name):
 def test_encoder_only_model_matches_reference_encoder(checkpoint_dir):
     folder, reference = checkpoint_dir("longt5-tglobal")
     encoder = load_checkpoint(folder, encoder_only=True)
-    hf_encoder = transformers.LongT5EncoderModel.from_pretrained(folder).eval()
-    hf_encoder.config._attn_implementation = "eager"
+    hf_encoder = transformers.LongT5EncoderModel.from_pretrained(folder, attn_implementation="eager").eval()
     ids, mask = random_batch(reference.config.vocab_size, LENGTHS, seed=8)
     with torch.no_grad():
         expected = hf_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -118,8 +117,8 @@ def test_saved_checkpoint_round_trips_and_reference_loads_it(tmp_path, checkpoin
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(p1, p2), n1
     assert again.head_is_tied == model.head_is_tied
-    reloaded = transformers.LongT5ForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
-    reloaded.config._attn_implementation = "eager"
+    reloaded = transformers.LongT5ForConditionalGeneration.from_pretrained(tmp_path / "saved",
+                                                                           attn_implementation="eager").eval()
     _, expected, actual = _forward_both(model, reloaded)
     assert relative_error(actual.logits, expected.logits) <= 1e-5
     _, original, _ = _forward_both(model, reference)
@@ -134,9 +133,8 @@ def test_local_checkpoint_runs_transient_global_with_initialised_weights(checkpo
         model = load_checkpoint(folder, attention="transient-global", global_block_size=4)
     assert len([w for w in record if issubclass(w.category, InitialisedWeightsWarning)]) == 1
     save_checkpoint(model, tmp_path)
-    reloaded = transformers.LongT5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    reloaded = transformers.LongT5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert reloaded.config.encoder_attention_type == "transient-global"
-    reloaded.config._attn_implementation = "eager"
     valid, expected, actual = _forward_both(model, reloaded)
     assert relative_error(actual.logits, expected.logits) <= 1e-5
 
