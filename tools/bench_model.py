@@ -35,6 +35,15 @@ FLAN_T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layer
                     decoder_start_token_id=0)
 
 
+def write_record(record: dict, folder: Path, name: str) -> None:
+    """The JSON result into `folder` and, on the device machine, into $OUT (which comes back)."""
+    text = json.dumps(record, indent=2) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], name).write_text(text)
+
+
 def measure(fn, warmup_ms: int = 50, rep_ms: int = 300, once: bool = False) -> dict:
     """Median ms and peak memory (GB above the baseline) of fn, or {'error': 'OOM'}.
 
@@ -137,11 +146,7 @@ def main() -> int:
         "model": "flan-t5-base shape, random weights, bf16", "decoder_tokens": args.decoder_tokens,
         "rows": rows,
     }
-    text = json.dumps(record, indent=2) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"model-{record['date']}.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"model-{record['date']}.json").write_text(text)
+    write_record(record, args.out, f"model-{record['date']}.json")
 
     def cell(result: dict) -> str:
         return f"{result['ms']:.1f} ms {result['peak_gb']:.1f} GB" if "ms" in result else result["error"][:18]
@@ -194,11 +199,7 @@ def encoder_modes_main(args) -> int:
         "model": "flan-t5-base-shaped encoder, random weights, bf16, batch 1", "rows": rows,
         "ratios": {mode: _ratio(rows, mode, 131072, 1048576) for mode in modes},
     }
-    text = json.dumps(record, indent=2) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"encoder-modes-{record['date']}.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"encoder-modes-{record['date']}.json").write_text(text)
+    write_record(record, args.out, f"encoder-modes-{record['date']}.json")
 
     def cell(result: dict) -> str:
         return f"{result['ms']:.1f} ms {result['peak_gb']:.1f} GB" if "ms" in result else result["error"][:22]
