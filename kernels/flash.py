@@ -202,22 +202,33 @@ NEAR_LUT: tl.constexpr = tl.constexpr(2)  # bias gathered from the per-rel table
 
 
 @triton.jit
-def _bias_blocks_kernel(BiasLUT, Blocks, c_first, MAX_DISTANCE: tl.constexpr, ROWS: tl.constexpr,
-                        COLS: tl.constexpr, STEP: tl.constexpr, TRANSPOSED: tl.constexpr):
+def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks, c_first, n_blocks,
+                        MAX_DISTANCE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STEP: tl.constexpr,
+                        TRANSPOSED: tl.constexpr, WRITE_LUT: tl.constexpr, LUT_POW2: tl.constexpr):
     """Blocks[h, ci] = bias(c + key - query) for c = c_first + ci * STEP, rows = queries (or keys
-    when TRANSPOSED, for the dk/dv kernel's [keys, queries] tiles)."""
+    when TRANSPOSED, for the dk/dv kernel's [keys, queries] tiles); with WRITE_LUT, program
+    ci = n_blocks writes BiasLUT[h] = table[bucket(rel), h] for every rel in +-MAX_DISTANCE.
+    Read straight from the table through the bucket LUT: one launch, no torch ops per call."""
     ci = tl.program_id(0)
     h = tl.program_id(1)
-    n_blocks = tl.num_programs(0)
-    c = c_first + ci * STEP
-    rows = tl.arange(0, ROWS)[:, None]
-    cols = tl.arange(0, COLS)[None, :]
-    if TRANSPOSED:
-        rel = c + rows - cols
+    if ci == n_blocks:
+        if WRITE_LUT:
+            i = tl.arange(0, LUT_POW2)
+            valid = i < 2 * MAX_DISTANCE + 1
+            bucket = tl.load(BucketLUT + i, mask=valid, other=0)
+            bias = tl.load(Table + bucket * stride_tb + h * stride_th, mask=valid, other=0.0)
+            tl.store(BiasLUT + h * (2 * MAX_DISTANCE + 1) + i, bias.to(tl.float32), mask=valid)
     else:
-        rel = c + cols - rows
-    bias = lut_lookup(rel, BiasLUT + h * (2 * MAX_DISTANCE + 1), MAX_DISTANCE)
-    tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols, bias)
+        c = c_first + ci * STEP
+        rows = tl.arange(0, ROWS)[:, None]
+        cols = tl.arange(0, COLS)[None, :]
+        if TRANSPOSED:
+            rel = c + rows - cols
+        else:
+            rel = c + cols - rows
+        bucket = lut_lookup(rel, BucketLUT, MAX_DISTANCE)
+        bias = tl.load(Table + bucket * stride_tb + h * stride_th).to(tl.float32)
+        tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols, bias)
 
 
 def near_c_range(max_distance: int, rows: int, cols: int, q_offset: int) -> tuple[int, int]:
@@ -781,8 +792,12 @@ _WARPS_STAGES = {
 def _family(fp32: bool) -> str:
     if fp32:
         return "fp32"
-    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
-    return "sm90" if major >= 9 else "sm80"
+    return "sm90" if _capability_major(torch.cuda.current_device() if torch.cuda.is_available() else -1) >= 9 else "sm80"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device: int) -> int:
+    return torch.cuda.get_device_capability(device)[0] if device >= 0 else 8
 
 
 def tile(kind: str, fp32: bool) -> tuple[int, int]:
@@ -883,21 +898,27 @@ def _bucket_tables(bidirectional: bool, num_buckets: int, max_distance: int, dev
     return _BucketTables(lut.to(device), seg_lut.to(device), seg_start.to(device), seg_bucket.to(device), left, right)
 
 
-def _bias_lut(table: torch.Tensor, bucket_lut_: torch.Tensor) -> torch.Tensor:
-    """[H, 2 * max_distance + 1] fp32: table[bucket(rel), h] for every rel."""
-    return table.float()[bucket_lut_.long()].t().contiguous()
+def _bias_inputs(table: torch.Tensor, bucket_lut_: torch.Tensor, max_distance: int,
+                 tiles: list[tuple[int, int, bool]], q_offset: int):
+    """The bias inputs of the kernels, straight from the [num_buckets, H] table in one launch per tile shape.
 
-
-def _bias_blocks(bias_lut: torch.Tensor, max_distance: int, rows: int, cols: int, q_offset: int,
-                 transposed: bool):
-    """Near-tile bias blocks for tiles of `rows` queries x `cols` keys: ([H, n, R, C], c_first, n)."""
-    heads = bias_lut.shape[0]
-    c_first, n_blocks = near_c_range(max_distance, rows, cols, q_offset)
-    shape = (cols, rows) if transposed else (rows, cols)
-    blocks = torch.empty((heads, n_blocks, *shape), dtype=torch.float32, device=bias_lut.device)
-    _bias_blocks_kernel[(n_blocks, heads)](bias_lut, blocks, c_first, MAX_DISTANCE=max_distance, ROWS=shape[0],
-                                           COLS=shape[1], STEP=min(rows, cols), TRANSPOSED=transposed)
-    return blocks, c_first, n_blocks
+    Returns (bias_lut, [(blocks, c_first, n_blocks) per tile]): bias_lut [H, 2 * max_distance + 1]
+    fp32 is table[bucket(rel), h] for every rel; blocks [H, n, R, C] fp32 are the near-tile bias
+    blocks for tiles of (rows queries, cols keys, transposed) (see near_c_range)."""
+    heads = table.shape[1]
+    bias_lut = torch.empty((heads, 2 * max_distance + 1), dtype=torch.float32, device=table.device)
+    made = []
+    for i, (rows, cols, transposed) in enumerate(tiles):
+        c_first, n_blocks = near_c_range(max_distance, rows, cols, q_offset)
+        shape = (cols, rows) if transposed else (rows, cols)
+        blocks = torch.empty((heads, n_blocks, *shape), dtype=torch.float32, device=table.device)
+        write_lut = i == 0
+        _bias_blocks_kernel[(n_blocks + write_lut, heads)](
+            table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, blocks, c_first, n_blocks,
+            MAX_DISTANCE=max_distance, ROWS=shape[0], COLS=shape[1], STEP=min(rows, cols), TRANSPOSED=transposed,
+            WRITE_LUT=write_lut, LUT_POW2=triton.next_power_of_2(2 * max_distance + 1))
+        made.append((blocks, c_first, n_blocks))
+    return bias_lut, made
 
 
 class _Layout:
@@ -1004,8 +1025,8 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     block_m, block_n = tile("fwd", fp32)
     if table is not None:
         tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
-        bias_lut = _bias_lut(table, tables.lut)
-        blocks, c_first, n_blocks = _bias_blocks(bias_lut, max_distance, block_m, block_n, q_offset, False)
+        bias_lut, [(blocks, c_first, n_blocks)] = _bias_inputs(table, tables.lut, max_distance,
+                                                               [(block_m, block_n, False)], q_offset)
     else:
         bias_lut = blocks = _dummy(q.device, torch.float32)
         c_first, n_blocks = 0, 0
@@ -1050,9 +1071,9 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     kv_m, kv_n = tile("dkdv", fp32)
     if has_bias:
         tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
-        bias_lut = _bias_lut(table, tables.lut)
-        dq_blocks, dq_c_first, dq_n_blocks = _bias_blocks(bias_lut, max_distance, dq_m, dq_n, q_offset, False)
-        kv_blocks, kv_c_first, kv_n_blocks = _bias_blocks(bias_lut, max_distance, kv_m, kv_n, q_offset, True)
+        bias_lut, made = _bias_inputs(table, tables.lut, max_distance, [(dq_m, dq_n, False), (kv_m, kv_n, True)],
+                                      q_offset)
+        (dq_blocks, dq_c_first, dq_n_blocks), (kv_blocks, kv_c_first, kv_n_blocks) = made
         seg = (tables.seg_lut, tables.seg_start, tables.seg_bucket)
         far_left, far_right = tables.far_left, tables.far_right
         parts = torch.zeros((lay.batch, lay.heads, triton.cdiv(lay.seqlen_q, dq_m), num_buckets),

@@ -20,6 +20,7 @@ decoding incrementally; the bias and the causal mask both use true positions).
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Union
 
 import torch
@@ -189,17 +190,30 @@ def key_lengths_from_mask(key_mask: Tensor) -> Tensor:
     """[B, Lk] right-padded mask -> [B] int32 lengths, checked on the device (no host sync).
 
     The kernels take lengths, which describe right padding only; a mask with holes or left
-    padding would silently change the result, so it is rejected.
+    padding would silently change the result, so it is rejected. Every layer of a stack
+    passes the same mask: the lengths of the last mask seen are kept (while that tensor lives
+    and is unmodified), so a forward computes them once instead of once per layer.
     """
-    key_mask = key_mask.bool()
-    lengths = key_mask.sum(-1, dtype=torch.int32)
-    positions = torch.arange(key_mask.shape[-1], device=key_mask.device)
+    key = (key_mask.device, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
+    version = -1 if key_mask.is_inference() else key_mask._version  # inference tensors have no version counter
+    memo = _lengths_memo.get(key)
+    if memo is not None and memo[0]() is key_mask and memo[1] == version:
+        return memo[2]
+    mask = key_mask.bool()
+    lengths = mask.sum(-1, dtype=torch.int32)
+    positions = torch.arange(mask.shape[-1], device=mask.device)
     torch._assert_async(
-        (key_mask == (positions[None, :] < lengths[:, None])).all(),
+        (mask == (positions[None, :] < lengths[:, None])).all(),
         "attention='flash' needs right-padded attention masks (ones then zeros per row); "
         "pad on the right, or use attention='basic' for arbitrary masks",
     )
+    if not torch.compiler.is_compiling():
+        _lengths_memo[key] = (weakref.ref(key_mask), version, lengths)
     return lengths
+
+
+# (device, inference mode) -> (weak reference to the last mask, its version, its lengths)
+_lengths_memo: dict[tuple[torch.device, bool], tuple[weakref.ref, int, Tensor]] = {}
 
 
 _warned: set[str] = set()

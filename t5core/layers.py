@@ -15,6 +15,20 @@ from torch import Tensor, nn
 from .config import T5Config
 
 
+def _fused_kernels(x: Tensor, *params: Tensor):
+    """The fused inference kernels (t5core.kernels.fused) when they apply, else None.
+
+    They apply on CUDA when no gradient is being recorded; training and the CPU run the torch
+    ops below, which are the reference's, op for op."""
+    if not x.is_cuda or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+        return None
+    try:
+        from t5core.kernels import fused  # triton is needed only on CUDA
+    except ImportError:
+        return None
+    return fused
+
+
 class RMSNorm(nn.Module):
     """T5's layer norm: scale only, no mean, no bias; statistics in fp32."""
 
@@ -24,6 +38,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = _fused_kernels(x, self.weight)
+        if fused is not None:
+            return fused.rms_norm(x, self.weight, self.eps)
         variance = x.float().pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)  # promotes to fp32, as the reference does
         if self.weight.dtype in (torch.float16, torch.bfloat16):
@@ -80,10 +97,14 @@ class FeedForward(nn.Module):
             self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.act = ACTIVATION_FUNCTIONS[config.activation]
+        self.fusable_gelu = self.gated and config.activation == "gelu_new"
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
+        fused = _fused_kernels(x, self.wi_0.weight) if self.fusable_gelu and not self.training else None
+        if fused is not None:
+            hidden = fused.gated_gelu(self.wi_0(x), self.wi_1(x))
+        elif self.gated:
             hidden = self.act(self.wi_0(x)) * self.wi_1(x)
         else:
             hidden = self.act(self.wi(x))

@@ -248,6 +248,11 @@ class T5(nn.Module):
             if encoder_hidden is None:
                 raise InputError("decode needs encoder_hidden (or a KVCache made by new_cache)")
             _check_right_padded(encoder_mask, self.config.decoder_attention, "encoder_mask")
+        return self._decode(decoder_input_ids, encoder_hidden, encoder_mask, cache)
+
+    def _decode(self, decoder_input_ids: Tensor, encoder_hidden: Tensor | None, encoder_mask: Tensor | None,
+                cache: KVCache | None) -> Tensor:
+        """`decode` after its input checks."""
         mask = None if encoder_mask is None else encoder_mask.bool()
         x = self.decoder(self.embed(decoder_input_ids), None, encoder_hidden, mask, cache)
         if self.config.scale_decoder_outputs:
@@ -313,8 +318,13 @@ class T5(nn.Module):
             if labels is None:
                 raise InputError("forward needs decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
+        # Every check that reads values back to the host runs before the first kernel, so none
+        # of them waits for the encoder.
+        check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
+        if self.config.decoder_attention is not self.config.attention:
+            _check_right_padded(attention_mask, self.config.decoder_attention, "attention_mask")
         encoder_hidden = self.encode(input_ids, attention_mask)
-        logits = self.decode(decoder_input_ids, encoder_hidden, attention_mask)
+        logits = self._decode(decoder_input_ids, encoder_hidden, attention_mask, None)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

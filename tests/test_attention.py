@@ -97,3 +97,18 @@ def test_relative_bucket_matches_reference_implementation():
                 rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
             )
             assert torch.equal(relative_position_bucket(rel, bidirectional, num_buckets, max_distance), expected)
+
+
+def test_key_lengths_are_computed_once_per_mask_and_again_after_a_change():
+    from t5core.attention import key_lengths_from_mask
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    first = key_lengths_from_mask(mask)
+    assert key_lengths_from_mask(mask) is first  # every layer of a forward gets the same lengths
+    mask[0, 2] = True  # an in-place change bumps the version: recomputed
+    changed = key_lengths_from_mask(mask)
+    assert changed is not first and changed.tolist() == [3, 3]
+    assert key_lengths_from_mask(mask.clone()).tolist() == [3, 3]
+    with torch.inference_mode():  # lengths made in inference mode are kept apart
+        assert key_lengths_from_mask(mask) is not changed
+    assert key_lengths_from_mask(mask.clone()) is not changed

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Where the time goes: CUDA kernel times of a flan-t5-base-shaped t5core forward and decode step.
+
+    python tools/profile_model.py [--length 8192] [--batch 2] [--out DIR]
+
+Random weights (normal, std 0.05; no transformers needed), bf16, inference mode. Prints the
+top kernels by total CUDA time (torch.profiler) for (1) one teacher-forced forward (encoder
+over batch x length tokens + 128 decoder tokens) and (2) ten greedy decode steps replayed as
+a CUDA graph at batch 1 over a --decode-length-token input, with kernels per step and GPU
+vs wall time per step. A diagnosis tool: the benchmarks are bench_model.py and bench_generate.py.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+FLAN_T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
+                    num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def build(attention: str):
+    from t5core.config import T5Config
+    from t5core.model import T5
+
+    model = T5(T5Config.from_dict(FLAN_T5_BASE, attention=attention))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.to(device="cuda", dtype=torch.bfloat16).eval()
+
+
+def table(prof, rows: int, title: str, steps: int = 1) -> None:
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    count = sum(e.count for e in events)
+    print(f"\n== {title}: {total / 1e3 / steps:.2f} ms GPU per step, {count / steps:.0f} kernels per step")
+    for e in events[:rows]:
+        print(f"{e.self_device_time_total / 1e3 / steps:9.3f} ms {e.count / steps:7.1f}x  {e.key[:110]}")
+
+
+def host_profile(fn, rows: int) -> None:
+    """Python-side time of one call: the launches the GPU waits for when a run is host-bound."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    for key in ("tottime", "cumulative"):
+        print(f"\n== host profile by {key}")
+        pstats.Stats(profiler).sort_stats(key).print_stats(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--decode-length", type=int, default=32768)
+    p.add_argument("--rows", type=int, default=22)
+    p.add_argument("--host", action="store_true", help="also profile the host side (cProfile) of one forward")
+    args = p.parse_args()
+    model = build("flash")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(3, 32000, (args.batch, args.length), device="cuda", generator=g)
+    mask = torch.ones_like(ids)
+    dec = torch.randint(3, 32000, (args.batch, 128), device="cuda", generator=g)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(ids, mask, decoder_input_ids=dec)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(ids, mask, decoder_input_ids=dec)
+        torch.cuda.synchronize()
+        print(f"forward {args.batch}x{args.length}: wall {1e3 * (time.perf_counter() - t):.1f} ms")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(ids, mask, decoder_input_ids=dec)
+            torch.cuda.synchronize()
+        table(prof, args.rows, f"forward {args.batch}x{args.length}")
+        if args.host:
+            host_profile(lambda: model(ids, mask, decoder_input_ids=dec), args.rows)
+
+        ids = torch.randint(3, 32000, (1, args.decode_length), device="cuda", generator=g)
+        model.generate(ids, max_new_tokens=40, eos_token_id=-1)  # compiles, captures
+        torch.cuda.synchronize()
+        for n in (1, 40):
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, eos_token_id=-1)
+            torch.cuda.synchronize()
+            print(f"generate 1x{args.decode_length}, {n} new tokens: wall {1e3 * (time.perf_counter() - t):.1f} ms")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.generate(ids, max_new_tokens=40, eos_token_id=-1)
+            torch.cuda.synchronize()
+        table(prof, args.rows, f"generate 1x{args.decode_length}, 40 tokens (per token)", steps=40)
+
+
+if __name__ == "__main__":
+    main()
