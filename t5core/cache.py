@@ -106,6 +106,7 @@ class StaticKVCache:
         inputs, _, enc_len, _ = cross[0][0].shape
         device, dtype = cross[0][0].device, cross[0][0].dtype
         self.batch = inputs * rows_per_input
+        self.self_qkv: list[Tensor] = []  # per layer [3 * inner, d_model]: set by T5.new_static_cache
         self.rows_per_input = rows_per_input
         self.max_length = max_length
         self.kernel = kernel

@@ -278,7 +278,12 @@ class T5(nn.Module):
         """
         cross = [block.cross_attn.project_kv(encoder_hidden) for block in self.decoder.blocks]
         tables = [(block.relative_bias or self.decoder.relative_bias).weight for block in self.decoder.blocks]
-        return StaticKVCache(self.config, cross, encoder_mask, tables, max_length, rows_per_input, kernel)
+        cache = StaticKVCache(self.config, cross, encoder_mask, tables, max_length, rows_per_input, kernel)
+        # One projection instead of three per layer and step: [3 * inner, d_model], made per
+        # generation (so it always matches the current weights) and dropped with the cache.
+        cache.self_qkv = [torch.cat([a.q.weight, a.k.weight, a.v.weight]).detach()
+                          for a in (block.self_attn for block in self.decoder.blocks)]
+        return cache
 
     def decode_step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
         """One decoder token per row, tokens [B, 1] -> logits [B, vocab]; shape-static (CUDA graphs).
@@ -286,14 +291,16 @@ class T5(nn.Module):
         The same function as `decode(tokens, cache=KVCache)` (inference only: no dropout), but
         the cache length is a device tensor: no host sync, no shape that changes per step.
         """
+        if len(cache.self_qkv) != len(self.decoder.blocks):
+            raise ValueError("decode_step needs a cache made by this model's new_static_cache")
         key_lengths = cache.begin_step()
         x = self.embed(tokens)
         for i, block in enumerate(self.decoder.blocks):
             h = block.self_attn_norm(x)
             attn = block.self_attn
-            keys, values = attn.project_kv(h)
+            q, keys, values = (attn.split_heads(t) for t in F.linear(h, cache.self_qkv[i]).chunk(3, dim=-1))
             cache.write_self(i, keys, values)
-            out = cache.attend_self(i, attn.split_heads(attn.q(h)), key_lengths)
+            out = cache.attend_self(i, q, key_lengths)
             x = _clamp_fp16(x + attn.o(_merge_heads(out)))
             h = block.cross_attn_norm(x)
             attn = block.cross_attn

@@ -60,14 +60,33 @@ def host_profile(fn, rows: int) -> None:
         pstats.Stats(profiler).sort_stats(key).print_stats(rows)
 
 
+def splits_sweep(keys: int) -> None:
+    """Cross-attention decode (batch 1, 12 heads, d 64, `keys` encoder tokens) per split count."""
+    import triton
+
+    from t5core.kernels.decode import choose_num_splits, decode_attention
+
+    q = torch.randn(1, 12, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 12, keys, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.full((1,), keys, device="cuda", dtype=torch.int32)
+    default = choose_num_splits(1, 12, 1, keys, q.device)
+    print(f"\n== decode over {keys} keys (K+V {2 * k.numel() * 2 / 1e6:.0f} MB): default splits {default}")
+    for splits in sorted({default, 22, 44, 66, 88, 110, 128}):
+        ms = triton.testing.do_bench(lambda: decode_attention(q, k, v, lengths, num_splits=splits), rep=100)
+        print(f"splits {splits:4d}: {1e3 * ms:7.1f} us  {2 * k.numel() * 2 / ms / 1e9:6.2f} TB/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--decode-length", type=int, default=32768)
     p.add_argument("--rows", type=int, default=22)
+    p.add_argument("--splits", action="store_true", help="time the decode kernel per split count first")
     p.add_argument("--host", action="store_true", help="also profile the host side (cProfile) of one forward")
     args = p.parse_args()
+    if args.splits:
+        splits_sweep(args.decode_length)
     model = build("flash")
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(3, 32000, (args.batch, args.length), device="cuda", generator=g)
