@@ -216,8 +216,8 @@ def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks,
             i = tl.arange(0, LUT_POW2)
             valid = i < 2 * MAX_DISTANCE + 1
             bucket = tl.load(BucketLUT + i, mask=valid, other=0)
-            bias = tl.load(Table + bucket * stride_tb + h * stride_th, mask=valid, other=0.0)
-            tl.store(BiasLUT + h * (2 * MAX_DISTANCE + 1) + i, bias.to(tl.float32), mask=valid)
+            row = tl.load(Table + bucket * stride_tb + h * stride_th, mask=valid, other=0.0)
+            tl.store(BiasLUT + h * (2 * MAX_DISTANCE + 1) + i, row.to(tl.float32), mask=valid)
     else:
         c = c_first + ci * STEP
         rows = tl.arange(0, ROWS)[:, None]
@@ -226,9 +226,9 @@ def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks,
             rel = c + rows - cols
         else:
             rel = c + cols - rows
-        bucket = lut_lookup(rel, BucketLUT, MAX_DISTANCE)
-        bias = tl.load(Table + bucket * stride_tb + h * stride_th).to(tl.float32)
-        tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols, bias)
+        block_bucket = lut_lookup(rel, BucketLUT, MAX_DISTANCE)
+        block = tl.load(Table + block_bucket * stride_tb + h * stride_th).to(tl.float32)
+        tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols, block)
 
 
 def near_c_range(max_distance: int, rows: int, cols: int, q_offset: int) -> tuple[int, int]:

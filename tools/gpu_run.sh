@@ -25,8 +25,11 @@ for s in ${STEPS:-tests attention model generate}; do
   case $s in
     tests) step gpu_tests ${T_TESTS:-240} python3 -m pytest -m gpu tests -q -p no:cacheprovider -rs \
              --ignore=tests/kernels/test_sparse_gpu.py ;;
+    model_tests) step model_gpu_tests ${T_MODEL_TESTS:-120} python3 -m pytest -m gpu tests/test_model_gpu.py \
+             tests/kernels/test_fused_gpu.py -q -p no:cacheprovider -rs --durations=5 ;;
     attention) step bench_attention ${T_ATTENTION:-150} python3 tools/bench_attention.py \
-             --flex-max-len 16384 --eager-max-len 16384 --out "$OUT/attention.json" ;;
+             --flex-max-len 16384 --eager-max-len 16384 --out "$OUT/attention.json" \
+             ${ATTENTION_LENGTHS:+--lengths $ATTENTION_LENGTHS} ;;
     model) step bench_model ${T_MODEL:-110} python3 tools/bench_model.py --lengths 1024 8192 16384 131072 \
              --peer-max-length 16384 --basic-max-length 16384 --out "$OUT" ;;
     generate) step bench_generate ${T_GENERATE:-150} python3 tools/bench_generate.py \
