@@ -204,11 +204,13 @@ NEAR_LUT: tl.constexpr = tl.constexpr(2)  # bias gathered from the per-rel table
 @triton.jit
 def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks, c_first, n_blocks,
                         MAX_DISTANCE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STEP: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, WRITE_LUT: tl.constexpr, LUT_POW2: tl.constexpr):
+                        TRANSPOSED: tl.constexpr, WRITE_LUT: tl.constexpr, LUT_POW2: tl.constexpr,
+                        WINDOW: tl.constexpr = -1):
     """Blocks[h, ci] = bias(c + key - query) for c = c_first + ci * STEP, rows = queries (or keys
     when TRANSPOSED, for the dk/dv kernel's [keys, queries] tiles); with WRITE_LUT, program
     ci = n_blocks writes BiasLUT[h] = table[bucket(rel), h] for every rel in +-MAX_DISTANCE.
-    Read straight from the table through the bucket LUT: one launch, no torch ops per call."""
+    Read straight from the table through the bucket LUT: one launch, no torch ops per call.
+    WINDOW >= 0 (the `local` pattern): -inf where |rel| > WINDOW, the window's mask folded in."""
     ci = tl.program_id(0)
     h = tl.program_id(1)
     if ci == n_blocks:
@@ -228,6 +230,8 @@ def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks,
             rel = c + cols - rows
         block_bucket = lut_lookup(rel, BucketLUT, MAX_DISTANCE)
         block = tl.load(Table + block_bucket * stride_tb + h * stride_th).to(tl.float32)
+        if WINDOW >= 0:
+            block = tl.where((rel <= WINDOW) & (rel >= -WINDOW), block, float("-inf"))
         tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols, block)
 
 
@@ -236,6 +240,17 @@ def near_c_range(max_distance: int, rows: int, cols: int, q_offset: int) -> tupl
     step = min(rows, cols)
     lo, hi = -max_distance - cols + 2, max_distance + rows - 2  # c of tiles neither far-left nor far-right
     c_first = lo + ((-q_offset - lo) % step)
+    return c_first, max((hi - c_first) // step + 1, 1)
+
+
+def window_c_range(radius: int, rows: int, cols: int) -> tuple[int, int]:
+    """(c_first, n_blocks): the c values of every tile the `local` pattern visits (q_offset 0).
+
+    A tile of `rows` queries from m0 and `cols` keys from n0 (c = n0 - m0) holds a pair within
+    the window iff c + cols - 1 >= -radius and c - (rows - 1) <= radius."""
+    step = min(rows, cols)
+    lo, hi = -radius - cols + 1, radius + rows - 1
+    c_first = -((-lo) // step) * step  # the first multiple of step >= lo
     return c_first, max((hi - c_first) // step + 1, 1)
 
 
@@ -351,41 +366,54 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if PATTERN != DENSE:  # sparse boundary tiles before the visible run (leading keys, window start)
+    if PATTERN == LOCAL:
+        # Every tile of the window reads its bias block, the window's mask folded in as -inf
+        # (window_c_range): no per-score gather, no predicate; keys past the length masked.
+        split = tl.minimum(tl.maximum(n_full, a0), e1)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                   blk_head, c_first, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n,
-                                   offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
-                                   BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                   blk_head, c_first, 0.0, kv_len, a0, split, m0, q_offset, offs_m, offs_n, offs_d,
+                                   NEAR_BLOCK, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   DENSE, 0, 1, 0)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                   blk_head, c_first, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n,
-                                   offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
-                                   BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                               c_first, c_left, kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d,
-                               FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
-                               DENSE, 0, 1, 0)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                               c_first, 0.0, kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d,
-                               NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
-                               DENSE, 0, 1, 0)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                               c_first, c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
-                               FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
-                               DENSE, 0, 1, 0)
-    # Masked tiles after the run, their bias gathered from the per-rel table (they may be far):
-    # the one partial key tile (dense; a plain `if`, so the dense kernel compiles as before its
-    # sparse patterns), the window end / block end (sparse).
-    if PATTERN == DENSE:
-        if n_full < hi:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                       blk_head, c_first, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset,
-                                       offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
-                                       FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                   blk_head, c_first, 0.0, kv_len, split, e1, m0, q_offset, offs_m, offs_n, offs_d,
+                                   NEAR_BLOCK, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   DENSE, 0, 1, 0)
     else:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                   blk_head, c_first, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                   NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
-                                   PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+        if PATTERN != DENSE:  # sparse boundary tiles before the visible run (leading keys, window start)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                       blk_head, c_first, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n,
+                                       offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                       BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                       blk_head, c_first, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n,
+                                       offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                       BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                                   c_first, c_left, kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d,
+                                   FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   DENSE, 0, 1, 0)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                                   c_first, 0.0, kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d,
+                                   NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   DENSE, 0, 1, 0)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
+                                   c_first, c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
+                                   FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   DENSE, 0, 1, 0)
+        # Masked tiles after the run, their bias gathered from the per-rel table (they may be far):
+        # the one partial key tile (dense; a plain `if`, so the dense kernel compiles as before its
+        # sparse patterns), the window end / block end (sparse).
+        if PATTERN == DENSE:
+            if n_full < hi:
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                           blk_head, c_first, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset,
+                                           offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
+                                           FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        else:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                       blk_head, c_first, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
+                                       NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                       PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
 
     # Rows with no visible key (key length 0, fully masked) output 0 and lse = +inf; so do
     # padded query rows of a sparse pattern (encoder self-attention: query i is real iff key i is).
@@ -564,45 +592,58 @@ def _bwd_dq_kernel(
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
-    if PATTERN != DENSE:
+    if PATTERN == LOCAL:  # every tile reads its window block (see the forward)
+        split = tl.minimum(tl.maximum(n_full, a0), e1)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                          stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                         SegBucket, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n, offs_d,
-                                         nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
-                                         BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                         SegBucket, 0.0, kv_len, a0, split, m0, q_offset, offs_m, offs_n, offs_d,
+                                         nb_idx, NEAR_BLOCK, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                         BLOCK_N, DENSE, 0, 1, 0)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                          stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                         SegBucket, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n, offs_d,
-                                         nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
-                                         BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
-    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, c_left,
-                                     kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
-                                     FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
-                                     DENSE, 0, 1, 0)
-    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, 0.0,
-                                     kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
-                                     NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
-                                     DENSE, 0, 1, 0)
-    dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                      stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket,
-                                      c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
-                                      nb_idx, FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
-                                      BLOCK_N, DENSE, 0, 1, 0)
-    if PATTERN == DENSE:
-        if n_full < hi:
+                                         SegBucket, 0.0, kv_len, split, e1, m0, q_offset, offs_m, offs_n, offs_d,
+                                         nb_idx, NEAR_BLOCK, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                         BLOCK_N, DENSE, 0, 1, 0)
+    else:
+        if PATTERN != DENSE:
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                              stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                             SegBucket, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
-                                             offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
-                                             FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    else:
-        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                         stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                         SegBucket, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                         nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
-                                         BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                             SegBucket, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n, offs_d,
+                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                             BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                             stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
+                                             SegBucket, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n, offs_d,
+                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                             BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                         q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, c_left,
+                                         kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
+                                         FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                         DENSE, 0, 1, 0)
+        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                         q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, 0.0,
+                                         kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
+                                         NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                         DENSE, 0, 1, 0)
+        dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                          stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket,
+                                          c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
+                                          nb_idx, FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                          BLOCK_N, DENSE, 0, 1, 0)
+        if PATTERN == DENSE:
+            if n_full < hi:
+                dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                                 stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
+                                                 SegBucket, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
+                                                 offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
+                                                 FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        else:
+            dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
+                                             stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
+                                             SegBucket, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
+                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                             BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
     if HAS_BIAS:
@@ -732,30 +773,36 @@ def _bwd_dkdv_kernel(
                                                       RADIUS, SBLOCK, NUM_GLOBAL, BLOCK_N, BLOCK_M)
         right_end = tl.minimum(tl.maximum(right_end, i0), i1)
         left_start = tl.minimum(tl.maximum(left_start, right_end), i1)
-        if PATTERN != DENSE:
+        if PATTERN == LOCAL:  # every query tile reads its window block (see the forward)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
-                                 n0, blk_head, c_first, 0.0, q_len, q_offset, 0, lead_end, offs_m, offs_n, offs_d,
-                                 bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                                 PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
-                                 n0, blk_head, c_first, 0.0, q_len, q_offset, a0, i0, offs_m, offs_n, offs_d,
-                                 bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                                 PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                             blk_head, c_first, c_right, q_len, q_offset, i0, right_end, offs_m, offs_n, offs_d,
-                             bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                             blk_head, c_first, 0.0, q_len, q_offset, right_end, left_start, offs_m, offs_n,
-                             offs_d, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                             DENSE, 0, 1, 0)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                             blk_head, c_first, c_left, q_len, q_offset, left_start, i1, offs_m, offs_n, offs_d,
-                             bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0)
-        if PATTERN != DENSE:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
-                                 n0, blk_head, c_first, 0.0, q_len, q_offset, i1, e1, offs_m, offs_n, offs_d,
-                                 bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                                 PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                 n0, blk_head, c_first, 0.0, q_len, q_offset, a0, e1, offs_m, offs_n, offs_d,
+                                 bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 DENSE, 0, 1, 0)
+        else:
+            if PATTERN != DENSE:
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
+                                     n0, blk_head, c_first, 0.0, q_len, q_offset, 0, lead_end, offs_m, offs_n, offs_d,
+                                     bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
+                                     n0, blk_head, c_first, 0.0, q_len, q_offset, a0, i0, offs_m, offs_n, offs_d,
+                                     bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                                 blk_head, c_first, c_right, q_len, q_offset, i0, right_end, offs_m, offs_n, offs_d,
+                                 bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                                 blk_head, c_first, 0.0, q_len, q_offset, right_end, left_start, offs_m, offs_n,
+                                 offs_d, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 DENSE, 0, 1, 0)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                                 blk_head, c_first, c_left, q_len, q_offset, left_start, i1, offs_m, offs_n, offs_d,
+                                 bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0)
+            if PATTERN != DENSE:
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
+                                     n0, blk_head, c_first, 0.0, q_len, q_offset, i1, e1, offs_m, offs_n, offs_d,
+                                     bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
     # Keys past the key length get exactly zero (their p was not masked above).
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
@@ -899,24 +946,29 @@ def _bucket_tables(bidirectional: bool, num_buckets: int, max_distance: int, dev
 
 
 def _bias_inputs(table: torch.Tensor, bucket_lut_: torch.Tensor, max_distance: int,
-                 tiles: list[tuple[int, int, bool]], q_offset: int):
+                 tiles: list[tuple[int, int, bool]], q_offset: int, window: int = -1):
     """The bias inputs of the kernels, straight from the [num_buckets, H] table in one launch per tile shape.
 
     Returns (bias_lut, [(blocks, c_first, n_blocks) per tile]): bias_lut [H, 2 * max_distance + 1]
     fp32 is table[bucket(rel), h] for every rel; blocks [H, n, R, C] fp32 are the near-tile bias
-    blocks for tiles of (rows queries, cols keys, transposed) (see near_c_range)."""
+    blocks for tiles of (rows queries, cols keys, transposed): those of near tiles (near_c_range),
+    or with window >= 0 those of every tile of the `local` pattern, -inf outside the window
+    (window_c_range)."""
     heads = table.shape[1]
     bias_lut = torch.empty((heads, 2 * max_distance + 1), dtype=torch.float32, device=table.device)
     made = []
     for i, (rows, cols, transposed) in enumerate(tiles):
-        c_first, n_blocks = near_c_range(max_distance, rows, cols, q_offset)
+        if window >= 0:
+            c_first, n_blocks = window_c_range(window, rows, cols)
+        else:
+            c_first, n_blocks = near_c_range(max_distance, rows, cols, q_offset)
         shape = (cols, rows) if transposed else (rows, cols)
         blocks = torch.empty((heads, n_blocks, *shape), dtype=torch.float32, device=table.device)
         write_lut = i == 0
         _bias_blocks_kernel[(n_blocks + write_lut, heads)](
             table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, blocks, c_first, n_blocks,
             MAX_DISTANCE=max_distance, ROWS=shape[0], COLS=shape[1], STEP=min(rows, cols), TRANSPOSED=transposed,
-            WRITE_LUT=write_lut, LUT_POW2=triton.next_power_of_2(2 * max_distance + 1))
+            WRITE_LUT=write_lut, LUT_POW2=triton.next_power_of_2(2 * max_distance + 1), WINDOW=window)
         made.append((blocks, c_first, n_blocks))
     return bias_lut, made
 
@@ -1009,6 +1061,16 @@ def _check_pattern(pattern: Pattern, q, k, causal, q_offset, varlen):
         raise ValueError(f"bad sparse pattern {pattern}: need radius >= 0, block_size >= 1, num_global >= 0")
 
 
+def _with_window(table, pattern: Pattern, num_buckets: int, heads: int, device):
+    """(table, window) for the bias inputs. `local` reads every tile's bias from blocks with
+    its window's mask folded in (window = radius), so it needs a table: zeros when there is none."""
+    if pattern.kind != 1:
+        return table, -1
+    if table is None:
+        table = torch.zeros((num_buckets, heads), dtype=torch.float32, device=device)
+    return table, pattern.radius
+
+
 def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN):
     """Returns (out, lse). lse is the base-2 logsumexp per row (+inf for rows with no key)."""
@@ -1023,10 +1085,11 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     dummy = _dummy(q.device)
     fp32 = q.dtype == torch.float32
     block_m, block_n = tile("fwd", fp32)
+    table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     if table is not None:
         tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
         bias_lut, [(blocks, c_first, n_blocks)] = _bias_inputs(table, tables.lut, max_distance,
-                                                               [(block_m, block_n, False)], q_offset)
+                                                               [(block_m, block_n, False)], q_offset, window)
     else:
         bias_lut = blocks = _dummy(q.device, torch.float32)
         c_first, n_blocks = 0, 0
@@ -1066,13 +1129,15 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         lay.heads, lay.seqlen_q, IS_VARLEN=lay.varlen, HEAD_DIM=lay.head_dim, BLOCK_M=block,
     )
 
+    wants_dtable = table is not None
+    table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     has_bias = table is not None
     dq_m, dq_n = tile("dq", fp32)
     kv_m, kv_n = tile("dkdv", fp32)
     if has_bias:
         tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
         bias_lut, made = _bias_inputs(table, tables.lut, max_distance, [(dq_m, dq_n, False), (kv_m, kv_n, True)],
-                                      q_offset)
+                                      q_offset, window)
         (dq_blocks, dq_c_first, dq_n_blocks), (kv_blocks, kv_c_first, kv_n_blocks) = made
         seg = (tables.seg_lut, tables.seg_start, tables.seg_bucket)
         far_left, far_right = tables.far_left, tables.far_right
@@ -1109,7 +1174,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=kv_m, BLOCK_N=kv_n, **pattern.constexprs(),
     )
-    if has_bias:
+    if wants_dtable:
         # Deterministic: a fixed-order torch sum over (batch, query block) partials.
         dtable = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     else:

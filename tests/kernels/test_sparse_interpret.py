@@ -107,6 +107,22 @@ def test_local_far_tiles_inside_a_window_wider_than_max_distance():
     run_and_compare("local", 2, 2, 257, 16, [257, 190], local_radius=70, num_buckets=16, max_distance=24)
 
 
+def test_local_without_a_bias_table_equals_a_zero_table():
+    # `local` folds its window into bias blocks; without a table it builds them from zeros.
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 70, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    kl = torch.tensor([70, 41])
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    out = sparse_attention(*leaves, None, pattern="local", local_radius=9, key_lengths=kl)
+    zeros = torch.zeros(32, 2, dtype=torch.float64)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference_sparse(*leaves64, zeros, "local", key_lengths=kl, local_radius=9)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    assert rel_err(out, ref) < FP32_TOL
+    for grad, ref_grad in zip(torch.autograd.grad(out, leaves, dout.float()), torch.autograd.grad(ref, leaves64, dout)):
+        assert rel_err(grad, ref_grad) < FP32_TOL
+
+
 def test_local_fp16():
     run_and_compare("local", 2, 2, 130, 32, [130, 61], dtype=torch.float16, tol=FP16_TOL, local_radius=20)
 
