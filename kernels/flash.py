@@ -334,6 +334,9 @@ def _fwd_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
+    if PATTERN == BLOCK:
+        if m0 < NUM_GLOBAL:  # a tile of global rows: _global_rows_fwd_kernel
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -552,6 +555,9 @@ def _bwd_dq_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
+    if PATTERN == BLOCK:
+        if m0 < NUM_GLOBAL:  # a tile of global rows: _global_rows_dq_kernel (its dtable part stays 0)
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -721,6 +727,9 @@ def _bwd_dkdv_kernel(
     n0 = pid_n * BLOCK_N
     if n0 >= store_len:
         return
+    if PATTERN == BLOCK:
+        if n0 < NUM_GLOBAL:  # a tile of global keys: _global_cols_dkdv_kernel
+            return
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -811,6 +820,154 @@ def _bwd_dkdv_kernel(
              dk.to(DK.dtype.element_ty), mask=smask)
     tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + k_rows[:, None] * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=smask)
+
+
+# ----------------------------------------------------------------------------------------------
+# `block` pattern: the global rows and columns, split over the long axis
+# ----------------------------------------------------------------------------------------------
+# The first NUM_GLOBAL queries see every key, and every query sees the first NUM_GLOBAL keys. In
+# the kernels above, the query tile (forward, dq) or key tile (dk/dv) holding them would walk the
+# whole sequence alone: at 1M tokens that one program per head is most of the run. Those tiles
+# exit there and are done here instead, split over the other axis into chunks of tiles, one
+# program per (chunk, batch x head, tile); torch merges the chunks (softmax partials in the
+# forward, plain sums in the backward). Every tile here is a masked tile (bias gathered per
+# score, the pattern's predicate applied), so rows of these tiles that are not global still see
+# exactly their block.
+
+
+@triton.jit
+def _global_rows_fwd_kernel(
+    Q, K, V, PartM, PartL, PartAcc, BiasLUT, KeyLens,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    num_heads, seqlen, chunk, rows_total,
+    HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr,
+    NUM_GLOBAL: tl.constexpr,
+):
+    """Partial softmax state (m, l, acc; base 2) of query tile t over keys [c * chunk, (c + 1) * chunk)."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    _, _, _, kv_len = _seq_bounds(b, seqlen, seqlen, KeyLens, KeyLens, KeyLens, HAS_KEYLENS, False)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m < seqlen)[:, None], other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    start = c * chunk
+    end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, bias_row,
+                               0, 0.0, kv_len, start, end, m0, 0, offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS,
+                               False, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+    row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
+    tl.store(PartM + row, m_i)
+    tl.store(PartL + row, l_i)
+    tl.store(PartAcc + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
+
+
+@triton.jit
+def _global_rows_dq_kernel(
+    Q, K, V, DO, LSE, Delta, PartDQ, PartTable, BiasLUT, SegLUT, SegStart, SegBucket, KeyLens,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
+    num_heads, seqlen, chunk, rows_total,
+    HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr, HAS_KEYLENS: tl.constexpr,
+    MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
+):
+    """Partial dq of query tile t over keys [c * chunk, (c + 1) * chunk), and its per-bucket dS sums."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    t = tl.program_id(2)
+    m0 = t * BLOCK_M
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    _, _, _, kv_len = _seq_bounds(b, seqlen, seqlen, KeyLens, KeyLens, KeyLens, HAS_KEYLENS, False)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    nb_idx = tl.arange(0, NB_POW2)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rmask = offs_m < seqlen
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=float("inf"))
+    delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    start = c * chunk
+    end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
+    dq, acc_rows, acc_nb = _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     offs_m, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, kv_len, start,
+                                     end, m0, 0, offs_m, offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, False,
+                                     MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+    row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
+    tl.store(PartDQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq)
+    if HAS_BIAS:  # [chunk, B*H, tile, bucket]
+        slot = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * tl.num_programs(2) + t
+        tl.store(PartTable + slot * NUM_BUCKETS + nb_idx, acc_nb, mask=nb_idx < NUM_BUCKETS)
+
+
+@triton.jit
+def _global_cols_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, PartDK, PartDV, BiasLUT, KeyLens,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
+    num_heads, seqlen, chunk, cols_total,
+    HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr,
+    NUM_GLOBAL: tl.constexpr,
+):
+    """Partial dk, dv of key tile t over queries [c * chunk, (c + 1) * chunk)."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n0 = tl.program_id(2) * BLOCK_N
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    _, _, _, kv_len = _seq_bounds(b, seqlen, seqlen, KeyLens, KeyLens, KeyLens, HAS_KEYLENS, False)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = n0 + offs_n
+    kmask = cols < kv_len
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    start = c * chunk
+    end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_M) * BLOCK_M)  # padded query rows see nothing
+    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
+                         LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
+                         stride_qm, stride_dom, cols, n0, bias_row, 0, 0.0, seqlen, 0, start, end, offs_m, offs_n,
+                         offs_d, bias_row, NEAR_LUT, HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                         BLOCK, 0, SBLOCK, NUM_GLOBAL)
+    dk = tl.where(kmask[:, None], dk, 0.0)
+    dv = tl.where(kmask[:, None], dv, 0.0)
+    col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
+    tl.store(PartDK + col[:, None] * HEAD_DIM + offs_d[None, :], dk)
+    tl.store(PartDV + col[:, None] * HEAD_DIM + offs_d[None, :], dv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1105,6 +1262,8 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, NEAR_INTERIOR=_near_interior(), **pattern.constexprs(),
     )
+    if pattern.kind == 2 and pattern.num_global > 0:
+        _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, table is not None, max_distance, pattern, fp32)
     return out, lse
 
 
@@ -1174,9 +1333,117 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=kv_m, BLOCK_N=kv_n, **pattern.constexprs(),
     )
+    global_dtable = 0.0
+    if pattern.kind == 2 and pattern.num_global > 0:
+        global_dtable = _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_lengths, has_bias,
+                                         num_buckets, max_distance, pattern, fp32)
     if wants_dtable:
-        # Deterministic: a fixed-order torch sum over (batch, query block) partials.
-        dtable = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
+        # Deterministic: fixed-order torch sums over (batch, query block) partials.
+        dtable = (parts.sum(dim=(0, 2)) + global_dtable).t().to(table.dtype).contiguous()
     else:
         dtable = torch.empty(0, dtype=q.dtype, device=q.device)
     return dq, dk, dv, dtable
+
+
+# ---- `block` pattern: global rows and columns (the split kernels above) ----------------------
+
+
+GLOBAL_MIN_CHUNK = 1024  # tests lower it to split short sequences into many chunks
+
+
+def _global_chunk(length: int, tile_len: int) -> int:
+    """Chunk of the long axis per program of the split kernels: at most 128 chunks, at least
+    GLOBAL_MIN_CHUNK positions (rounded up to whole tiles)."""
+    return tile_len * triton.cdiv(max(triton.cdiv(length, 128), GLOBAL_MIN_CHUNK), tile_len)
+
+
+def _launch_plain(kernel, grid: tuple, *args, **kwargs):
+    if _interpreting():
+        kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, num_warps=4, num_stages=2, **kwargs)
+
+
+def _real_rows(key_lengths, batch: int, heads: int, rows: int, device) -> torch.Tensor:
+    """[B * H, rows] bool: rows inside their sequence (padded rows of a sparse pattern output 0)."""
+    idx = torch.arange(rows, device=device)[None, :]
+    real = idx < (key_lengths.to(device)[:, None] if key_lengths is not None else idx.new_full((batch, 1), rows))
+    return real[:, None, :].expand(batch, heads, rows).reshape(batch * heads, rows)
+
+
+def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, max_distance, pattern, fp32):
+    """Out and lse of the query tiles holding the global rows: split over keys, merged in torch."""
+    batch, heads, length, dim = q.shape
+    block_m, block_n = tile("fwd", fp32)
+    n_tiles = triton.cdiv(min(pattern.num_global, length), block_m)
+    rows = n_tiles * block_m
+    chunk = _global_chunk(length, block_n)
+    n_chunks = triton.cdiv(length, chunk)
+    part_m = torch.empty((n_chunks, batch * heads, rows), dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((n_chunks, batch * heads, rows, dim), dtype=torch.float32, device=q.device)
+    _launch_plain(
+        _global_rows_fwd_kernel, (n_chunks, batch * heads, n_tiles),
+        q, k, v, part_m, part_l, part_acc, bias_lut, key_lengths if key_lengths is not None else _dummy(q.device),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), heads, length, chunk, rows,
+        HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, MAX_DISTANCE=max_distance, FP32_DOT=fp32,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, SBLOCK=pattern.block_size, NUM_GLOBAL=pattern.num_global,
+    )
+    # Merge the chunks' softmax states (base 2); a chunk with no visible key has m = -inf, l = 0.
+    m = part_m.amax(0)  # [B*H, rows]
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    weight = torch.exp2(part_m - m)  # [chunks, B*H, rows]
+    total = (weight * part_l).sum(0)
+    acc = (weight[..., None] * part_acc).sum(0)  # [B*H, rows, D]
+    keep = (total > 0) & _real_rows(key_lengths, batch, heads, rows, q.device)
+    merged = torch.where(keep[..., None], acc / torch.where(keep, total, 1.0)[..., None], 0.0)
+    merged_lse = torch.where(keep, m + torch.log2(torch.where(keep, total, 1.0)), float("inf"))
+    real = min(rows, length)
+    out[:, :, :real] = merged.view(batch, heads, rows, dim)[:, :, :real].to(out.dtype)
+    lse[:, :, :real] = merged_lse.view(batch, heads, rows)[:, :, :real]
+
+
+def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_lengths, has_bias, num_buckets,
+                     max_distance, pattern, fp32):
+    """dq of the global rows' tiles and dk, dv of the global keys' tiles, split and summed; returns
+    their per-bucket dS sums [H, num_buckets] (zeros without a bias)."""
+    batch, heads, length, dim = q.shape
+    bh = batch * heads
+    keylens = key_lengths if key_lengths is not None else _dummy(q.device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+               v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
+    common = dict(HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, MAX_DISTANCE=max_distance, FP32_DOT=fp32,
+                  HEAD_DIM=dim, SBLOCK=pattern.block_size, NUM_GLOBAL=pattern.num_global)
+    n_global = min(pattern.num_global, length)
+
+    block_m, block_n = tile("dq", fp32)
+    n_tiles = triton.cdiv(n_global, block_m)
+    rows, chunk = n_tiles * block_m, _global_chunk(length, block_n)
+    n_chunks = triton.cdiv(length, chunk)
+    part_dq = torch.empty((n_chunks, bh, rows, dim), dtype=torch.float32, device=q.device)
+    part_table = torch.zeros((n_chunks, bh, n_tiles, num_buckets), dtype=torch.float32, device=q.device)
+    _launch_plain(
+        _global_rows_dq_kernel, (n_chunks, bh, n_tiles),
+        q, k, v, do, lse, delta, part_dq, part_table, bias_lut, *seg, keylens, *strides, heads, length, chunk, rows,
+        NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets), BLOCK_M=block_m, BLOCK_N=block_n,
+        **common,
+    )
+    real = min(rows, length)
+    dq[:, :, :real] = part_dq.sum(0).view(batch, heads, rows, dim)[:, :, :real].to(dq.dtype)
+
+    block_m, block_n = tile("dkdv", fp32)
+    n_tiles = triton.cdiv(n_global, block_n)
+    cols, chunk = n_tiles * block_n, _global_chunk(length, block_m)
+    n_chunks = triton.cdiv(length, chunk)
+    part_dk = torch.empty((n_chunks, bh, cols, dim), dtype=torch.float32, device=q.device)
+    part_dv = torch.empty_like(part_dk)
+    _launch_plain(
+        _global_cols_dkdv_kernel, (n_chunks, bh, n_tiles),
+        q, k, v, do, lse, delta, part_dk, part_dv, bias_lut, keylens, *strides, heads, length, chunk, cols,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common,
+    )
+    real = min(cols, length)
+    dk[:, :, :real] = part_dk.sum(0).view(batch, heads, cols, dim)[:, :, :real].to(dk.dtype)
+    dv[:, :, :real] = part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :real].to(dv.dtype)
+    return part_table.sum(dim=(0, 2)).view(batch, heads, num_buckets).sum(0)  # [H, num_buckets]

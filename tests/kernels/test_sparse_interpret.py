@@ -151,6 +151,15 @@ def test_block_far_tiles_inside_a_block_wider_than_max_distance():
     run_and_compare("block", 1, 2, 257, 16, [240], block_size=128, num_global=5, num_buckets=16, max_distance=24)
 
 
+@pytest.mark.parametrize("block_size,num_global", [(40, 16), (64, 50), (100, 1)])
+def test_block_global_rows_and_keys_split_into_many_chunks(monkeypatch, block_size, num_global):
+    # The tiles holding the global rows (forward, dq) and global keys (dk, dv) run split over the
+    # long axis and are merged; a small chunk makes a short sequence span many chunks.
+    monkeypatch.setattr(flash_mod, "GLOBAL_MIN_CHUNK", 16)
+    run_and_compare("block", 2, 2, 230, 16, [230, 97], block_size=block_size, num_global=num_global,
+                    seed=block_size + num_global)
+
+
 def test_block_fp16():
     run_and_compare("block", 2, 2, 130, 32, [130, 77], dtype=torch.float16, tol=FP16_TOL, block_size=48,
                     num_global=16)

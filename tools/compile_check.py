@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Compile every Triton kernel variant t5core launches, for sm90 and sm80, on a machine without a GPU.
+
+    python tools/compile_check.py [--arch 90 80]
+
+Triton's CPU interpreter runs the kernels' arithmetic but not the compiler: a kernel can pass
+every interpreter test and still fail to compile for a GPU (an `if` whose branches give a
+variable different types, say). This tool runs t5core's host code for each attention mode
+(dense, causal, varlen, local, block, decode, the fused kernels) with every launch
+intercepted: instead of running, each launch is compiled to a cubin for the target (Triton
+ships ptxas) with the same arguments, constexprs, warps and stages. It prints one line per
+distinct variant with registers and spilled bytes, and exits 1 if any variant fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+           torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+           torch.bool: "i1"}
+
+
+def _signature(fn: JITFunction, args: tuple, kwargs: dict):
+    """(signature, constexprs, options) of one launch, as triton.compile wants them."""
+    sig, constexprs, options = {}, {}, {}
+    values = dict(zip([p.name for p in fn.params], args))
+    for name, value in kwargs.items():
+        if name in ("num_warps", "num_stages"):
+            options[name] = value
+        else:
+            values[name] = value
+    for param in fn.params:
+        value = values.get(param.name, param.default)
+        if param.is_constexpr:
+            sig[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            sig[param.name] = "*" + _DTYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[param.name] = "i1"
+        elif isinstance(value, int):
+            sig[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            sig[param.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
+    return sig, constexprs, options
+
+
+class Compiler:
+    def __init__(self, arch: int) -> None:
+        self.arch = arch
+        self.target = GPUTarget("cuda", arch, 64 if arch >= 90 else 32)
+        self.seen: dict[str, str] = {}
+        self.failed = 0
+
+    def resources(self, ptx: str) -> str:
+        """Registers and spill bytes, from ptxas -v on the kernel's PTX."""
+        import re
+        import subprocess
+        import tempfile
+
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            arch = f"sm_{self.arch}a" if self.arch >= 90 else f"sm_{self.arch}"
+            result = subprocess.run([get_ptxas(self.arch).path, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                                    capture_output=True, text=True)
+        regs = re.search(r"Used (\d+) registers", result.stderr)
+        spills = re.search(r"(\d+) bytes spill stores", result.stderr)
+        return f"regs {regs.group(1) if regs else '?':>3} spill {spills.group(1) if spills else '?':>4}"
+
+    def run(self, fn: JITFunction, *args, grid=None, warmup=False, **kwargs):
+        sig, constexprs, options = _signature(fn, args, kwargs)
+        key = f"{fn.__name__} {sorted(constexprs.items())} {sorted(options.items())}"
+        if key in self.seen:
+            return None
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=self.target,
+                                      options=options)
+            self.seen[key] = f"ok   {self.resources(compiled.asm['ptx'])} smem {compiled.metadata.shared}"
+        except Exception as err:  # noqa: BLE001 - report every failing variant
+            self.failed += 1
+            self.seen[key] = f"FAIL {type(err).__name__}: {str(err).splitlines()[-1][:300]}"
+            traceback.print_exc(limit=1)
+        return None
+
+
+def exercise() -> None:
+    """Run the host code of every mode once (CPU tensors; the launches are intercepted)."""
+    from t5core.kernels import decode, flash, fused
+    from t5core.kernels.ops import flash_attention, flash_attention_varlen, sparse_attention
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (32, 64, 128):
+            q, k, v = (torch.randn(2, 4, 300, d, dtype=dtype, requires_grad=True) for _ in range(3))
+            table = torch.randn(32, 4, requires_grad=True)
+            kl = torch.tensor([300, 170])
+            runs = [
+                lambda: flash_attention(q, k, v, table, key_lengths=kl),
+                lambda: flash_attention(q, k, v, table, causal=True, bidirectional=False, q_offset=5),
+                lambda: flash_attention(q, k, v, None, key_lengths=kl),
+                lambda: sparse_attention(q, k, v, table, pattern="local", local_radius=127, key_lengths=kl),
+                lambda: sparse_attention(q, k, v, None, pattern="local", local_radius=300),
+                lambda: sparse_attention(q, k, v, table, pattern="block", block_size=64, num_global=16, key_lengths=kl),
+            ]
+            for run in runs:
+                out = run()
+                out.backward(torch.randn_like(out))
+            qv, kv, vv = (torch.randn(300, 4, d, dtype=dtype, requires_grad=True) for _ in range(3))
+            cu = torch.tensor([0, 100, 300], dtype=torch.int32)
+            out = flash_attention_varlen(qv, kv, vv, table, cu, cu, 200, 200)
+            out.backward(torch.randn_like(out))
+            cache_q = torch.randn(3, 4, 1, d, dtype=dtype)
+            cache_k, cache_v = (torch.randn(3, 4, 700, d, dtype=dtype) for _ in range(2))
+            lengths = torch.tensor([700, 5, 300], dtype=torch.int32)
+            lut = decode.decode_bias_lut(table.detach())
+            decode.decode_attention(cache_q, cache_k, cache_v, lengths, lut, causal=True)
+            decode.decode_attention(cache_q, cache_k, cache_v, lengths, None)
+        x = torch.randn(7, 768, dtype=dtype)
+        fused.rms_norm(x, torch.ones(768, dtype=dtype), 1e-6)
+        fused.rms_norm(x, torch.ones(768), 1e-6)
+        fused.gated_gelu(x, x)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    args = parser.parse_args()
+    from t5core.kernels import flash
+
+    original_run = JITFunction.run
+    failed = 0
+    try:
+        for arch in args.arch:
+            compiler = Compiler(arch)
+            JITFunction.run = lambda self, *a, **kw: compiler.run(self, *a, **kw)  # noqa: E731
+            flash._capability_major.cache_clear()
+            flash._capability_major = lambda device, arch=arch: arch // 10  # the tile family of this target
+            exercise()
+            print(f"== sm{arch}: {len(compiler.seen)} variants, {compiler.failed} failed")
+            for key, result in sorted(compiler.seen.items()):
+                print(f"{result:40s} {key[:220]}")
+            failed += compiler.failed
+    finally:
+        JITFunction.run = original_run
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
