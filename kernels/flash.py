@@ -836,6 +836,16 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS: tl.constexpr):
+    """(chunk, batch x head, batch, head, key length) of a split kernel's program; b, h as int64."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    _, _, _, kv_len = _seq_bounds(b, seqlen, seqlen, KeyLens, KeyLens, KeyLens, HAS_KEYLENS, False)
+    return c, pid_bh, b.to(tl.int64), (pid_bh % num_heads).to(tl.int64), kv_len
+
+
+@triton.jit
 def _global_rows_fwd_kernel(
     Q, K, V, PartM, PartL, PartAcc, BiasLUT, KeyLens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -845,22 +855,16 @@ def _global_rows_fwd_kernel(
     NUM_GLOBAL: tl.constexpr,
 ):
     """Partial softmax state (m, l, acc; base 2) of query tile t over keys [c * chunk, (c + 1) * chunk)."""
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    c, pid_bh, b64, h64, kv_len = _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS)
     m0 = tl.program_id(2) * BLOCK_M
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    _, _, _, kv_len = _seq_bounds(b, seqlen, seqlen, KeyLens, KeyLens, KeyLens, HAS_KEYLENS, False)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=(offs_m < seqlen)[:, None], other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -886,19 +890,13 @@ def _global_rows_dq_kernel(
     BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
 ):
     """Partial dq of query tile t over keys [c * chunk, (c + 1) * chunk), and its per-bucket dS sums."""
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    c, pid_bh, b64, h64, kv_len = _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS)
     t = tl.program_id(2)
     m0 = t * BLOCK_M
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    _, _, _, kv_len = _seq_bounds(b, seqlen, seqlen, KeyLens, KeyLens, KeyLens, HAS_KEYLENS, False)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     nb_idx = tl.arange(0, NB_POW2)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
     rmask = offs_m < seqlen
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=rmask[:, None], other=0.0)
@@ -908,7 +906,7 @@ def _global_rows_dq_kernel(
     delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -936,19 +934,13 @@ def _global_cols_dkdv_kernel(
     NUM_GLOBAL: tl.constexpr,
 ):
     """Partial dk, dv of key tile t over queries [c * chunk, (c + 1) * chunk)."""
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    c, pid_bh, b64, h64, kv_len = _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS)
     n0 = tl.program_id(2) * BLOCK_N
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    _, _, _, kv_len = _seq_bounds(b, seqlen, seqlen, KeyLens, KeyLens, KeyLens, HAS_KEYLENS, False)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = n0 + offs_n
     kmask = cols < kv_len
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
     k = tl.load(K + b64 * stride_kb + h64 * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
                 mask=kmask[:, None], other=0.0)
     v = tl.load(V + b64 * stride_vb + h64 * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
@@ -957,7 +949,7 @@ def _global_cols_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_M) * BLOCK_M)  # padded query rows see nothing
-    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
     dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
                          LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
                          stride_qm, stride_dom, cols, n0, bias_row, 0, 0.0, seqlen, 0, start, end, offs_m, offs_n,
