@@ -5,7 +5,9 @@
 #   STEPS="tests attention model generate" bash tools/gpu_run.sh     # the default steps
 #   STEPS="sparse_tests sparse_attention encoder_modes" bash tools/gpu_run.sh
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
-# so one slow or failing step does not stop the others.
+# so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
+# compiling kernel variants on the host, so they run in XDIST parallel pytest workers
+# (pytest-xdist is on the device image; the H200 machine has 16 cores).
 set -u
 ln -sfn "$PWD/weights" t5core/weights
 ln -sfn "$PWD/kernels" t5core/kernels
@@ -24,9 +26,9 @@ step() {  # name, seconds, command...
 for s in ${STEPS:-tests attention model generate}; do
   case $s in
     tests) step gpu_tests ${T_TESTS:-240} python3 -m pytest -m gpu tests -q -p no:cacheprovider -rs \
-             --ignore=tests/kernels/test_sparse_gpu.py ;;
+             -n ${XDIST:-8} --durations=12 --ignore=tests/kernels/test_sparse_gpu.py ;;
     model_tests) step model_gpu_tests ${T_MODEL_TESTS:-120} python3 -m pytest -m gpu tests/test_model_gpu.py \
-             tests/kernels/test_fused_gpu.py -q -p no:cacheprovider -rs --durations=5 ;;
+             tests/kernels/test_fused_gpu.py -q -p no:cacheprovider -rs -n ${XDIST:-8} --durations=5 ;;
     attention) step bench_attention ${T_ATTENTION:-150} python3 tools/bench_attention.py \
              --flex-max-len 16384 --eager-max-len 16384 --out "$OUT/attention.json" \
              ${ATTENTION_LENGTHS:+--lengths $ATTENTION_LENGTHS} ;;
@@ -35,7 +37,7 @@ for s in ${STEPS:-tests attention model generate}; do
     generate) step bench_generate ${T_GENERATE:-150} python3 tools/bench_generate.py \
              --sizes 1x512,1x8192,1x32768,32x512 --budget-s 120 --out "$OUT" ;;
     sparse_tests) step sparse_gpu_tests ${T_SPARSE_TESTS:-300} python3 -m pytest -m gpu \
-             tests/kernels/test_sparse_gpu.py -q -p no:cacheprovider -rs ;;
+             tests/kernels/test_sparse_gpu.py -q -p no:cacheprovider -rs -n ${XDIST:-8} --durations=12 ;;
     sparse_attention) step bench_sparse_attention ${T_SPARSE_ATTENTION:-280} python3 tools/bench_attention.py \
              --sparse --out "$OUT/sparse-attention.json" ;;
     encoder_modes) step bench_encoder_modes ${T_ENCODER_MODES:-560} python3 tools/bench_model.py \
