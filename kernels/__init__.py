@@ -6,7 +6,7 @@ functions need Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU tests).
 from .bucket import relative_position_bucket
 
 try:
-    from .ops import flash_attention, flash_attention_varlen, sparse_attention
+    from .ops import flash_attention, flash_attention_varlen, sparse_attention, transient_global_attention
 except ImportError as err:  # triton missing: keep the torch bucket function importable
     _import_error = err
 
@@ -19,4 +19,8 @@ except ImportError as err:  # triton missing: keep the torch bucket function imp
     def sparse_attention(*args, **kwargs):
         raise ImportError(f"t5core.kernels.sparse_attention needs triton: {_import_error}")
 
-__all__ = ["flash_attention", "flash_attention_varlen", "relative_position_bucket", "sparse_attention"]
+    def transient_global_attention(*args, **kwargs):
+        raise ImportError(f"t5core.kernels.transient_global_attention needs triton: {_import_error}")
+
+__all__ = ["flash_attention", "flash_attention_varlen", "relative_position_bucket", "sparse_attention",
+           "transient_global_attention"]

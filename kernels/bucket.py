@@ -26,7 +26,18 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 
 def bucket_lut(bidirectional: bool, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
-    """int32 [2 * max_distance + 1]: entry i is the bucket of rel = i - max_distance."""
+    """int32 [2 * max_distance + 1]: entry i is the bucket of rel = i - max_distance.
+
+    The kernels clamp rel to +-max_distance, which is exact only when the bucket is constant
+    beyond it: max_distance >= the exact-bucket range (num_buckets / 4 bidirectional,
+    num_buckets / 2 causal). Below that the reference's log term turns negative and its buckets
+    stop being monotone; such a bias is refused here rather than computed differently."""
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_distance < max_exact:
+        raise ValueError(
+            f"relative_attention_max_distance={max_distance} is below the exact-bucket range ({max_exact}) of "
+            f"{num_buckets} {'bidirectional' if bidirectional else 'causal'} buckets: the buckets are not constant "
+            "beyond max_distance, which the kernels need; use attention='basic' for such a config")
     rel = torch.arange(-max_distance, max_distance + 1, dtype=torch.long)
     return relative_position_bucket(rel, bidirectional, num_buckets, max_distance).to(torch.int32).to(device)
 

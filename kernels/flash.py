@@ -962,6 +962,58 @@ def _global_cols_dkdv_kernel(
     tl.store(PartDV + col[:, None] * HEAD_DIM + offs_d[None, :], dv)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# `transient-global` side keys (forward; inference)
+# ----------------------------------------------------------------------------------------------
+# LongT5's side attention is T5 attention with a bidirectional bias where query i sits at
+# position block_ids[b, i] (its global block; orphans already folded in) and side key g at g:
+# the bias is the global table at bucket(g - block_ids[i]), clamped beyond +-max_distance like
+# every T5 bias, and row b has max(block_ids[b]) + 1 side keys. Every tile gathers its bias per
+# score (the query positions are not contiguous). Rows with block id -1 (padding, or no full
+# block at all) see no side key.
+
+
+@triton.jit
+def _side_fwd_kernel(
+    Q, SK, SV, Out, LSE, BlockIds, SideLens, BiasLUT,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_ib,
+    num_heads, seqlen,
+    HAS_BIAS: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // num_heads).to(tl.int64)
+    h64 = (pid_bh % num_heads).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m < seqlen
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    block_id = tl.load(BlockIds + b64 * stride_ib + offs_m, mask=rmask, other=-1).to(tl.int32)
+    n_side = tl.load(SideLens + b64).to(tl.int32)
+    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, SK + b64 * stride_kb + h64 * stride_kh,
+                               SV + b64 * stride_vb + h64 * stride_vh, stride_kn, stride_vn, tl.maximum(block_id, 0),
+                               bias_row, bias_row, 0, 0.0, n_side, 0, tl.cdiv(n_side, BLOCK_N) * BLOCK_N, m0, 0,
+                               offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, False, MAX_DISTANCE, FP32_DOT,
+                               BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    empty = (l_i == 0.0) | (block_id < 0)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, lse, mask=rmask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tile configurations
 # ----------------------------------------------------------------------------------------------
@@ -1439,3 +1491,46 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_len
     dk[:, :, :real] = part_dk.sum(0).view(batch, heads, cols, dim)[:, :, :real].to(dk.dtype)
     dv[:, :, :real] = part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :real].to(dv.dtype)
     return part_table.sum(dim=(0, 2)).view(batch, heads, num_buckets).sum(0)  # [H, num_buckets]
+
+
+# ---- `transient-global` (forward; inference) ----------------------------------------------------
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """One softmax over two disjoint key sets from each set's (out, base-2 lse); lse = +inf means
+    "no key" (the kernels' convention). Returns (out, lse) in the same convention."""
+    weight_a = torch.where(torch.isinf(lse_a), float("-inf"), lse_a)
+    weight_b = torch.where(torch.isinf(lse_b), float("-inf"), lse_b)
+    top = torch.maximum(weight_a, weight_b)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    a, b = torch.exp2(weight_a - top), torch.exp2(weight_b - top)
+    total = a + b
+    keep = total > 0
+    safe = torch.where(keep, total, 1.0)
+    out = (out_a.float() * (a / safe)[..., None] + out_b.float() * (b / safe)[..., None]).to(out_a.dtype)
+    return out, torch.where(keep, top + torch.log2(safe), float("inf"))
+
+
+def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths, max_distance):
+    """Side attention of transient-global: (out [B, H, L, D], base-2 lse [B, H, L]).
+
+    side_k, side_v [B, H, G, D]; side_lut [H, 2 * max_distance + 1] fp32: the global table at
+    bucket(rel) for rel in +-max_distance (constant beyond); block_ids [B, L] ints (-1: none);
+    side_lengths [B] ints: side keys of each row."""
+    _check(q, side_k, side_v, None, 32, max_distance)
+    q, side_k, side_v = (_last_dim_contiguous(x) for x in (q, side_k, side_v))
+    batch, heads, length, dim = q.shape
+    out = _new(q.shape, q.dtype, q.device)
+    lse = _new((batch, heads, length), torch.float32, q.device)
+    fp32 = q.dtype == torch.float32
+    block_m, block_n = tile("fwd", fp32)
+    block_ids = block_ids.contiguous()
+    _launch_plain(
+        _side_fwd_kernel, (triton.cdiv(length, block_m), batch * heads),
+        q, side_k, side_v, out, lse, block_ids, side_lengths.contiguous(), side_lut.float().contiguous(),
+        q.stride(0), q.stride(1), q.stride(2), side_k.stride(0), side_k.stride(1), side_k.stride(2),
+        side_v.stride(0), side_v.stride(1), side_v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), block_ids.stride(0), heads, length,
+        HAS_BIAS=True, MAX_DISTANCE=max_distance, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return out, lse

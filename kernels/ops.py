@@ -178,6 +178,37 @@ def sparse_attention(
     return out
 
 
+def transient_global_attention(
+    q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], side_k: Tensor, side_v: Tensor,
+    side_bias: Tensor, block_ids: Tensor, *, local_radius: int, key_lengths: Optional[Tensor] = None,
+    num_buckets: int = 32, max_distance: int = 128,
+) -> Tensor:
+    """LongT5 transient-global encoder attention by the kernels; inference only (no backward yet).
+
+    One softmax over the `local` window (|k - q| <= local_radius, `table` at bucket(k - q)) and
+    the side keys: side_k, side_v [B, H, G, D]; side_bias [H, 2G - 1], the bias of side key g for
+    query i at index g - block_ids[b, i] + G - 1 (t5core.sparse's `side_bias_lut`); block_ids
+    [B, L] (-1: sees no side key), row b having max(block_ids[b]) + 1 side keys. q, k, v
+    [B, H, L, D]; key_lengths [B] (right padding): padded query rows output 0.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, table, side_k, side_v, side_bias)):
+        raise RuntimeError("transient_global_attention has no backward yet: call it under torch.no_grad(), or "
+                           "train through t5core.sparse.local_attention (the model does this by itself)")
+    out, lse = flash.forward(q, k, v, table, key_lengths, None, None, 0, 0, True, num_buckets, max_distance, False, 0,
+                             flash.Pattern(1, local_radius, 1, 0))
+    num_side = side_k.shape[2]
+    if num_side == 0:
+        return out
+    # The side bias per rel in +-max_distance (constant beyond, as every T5 bias; rels past
+    # +-(G - 1) never occur): the kernels' LUT form.
+    index = (torch.arange(-max_distance, max_distance + 1, device=q.device) + num_side - 1).clamp(0, 2 * num_side - 2)
+    side_lut = side_bias.float()[:, index]
+    side_lengths = (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)
+    side_out, side_lse = flash.side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths, max_distance)
+    return flash.merge_attention(out, lse, side_out, side_lse)[0]
+
+
 def flash_attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     max_seqlen_q: int, max_seqlen_k: int, *, bidirectional: bool = True, num_buckets: int = 32,

@@ -288,10 +288,13 @@ class T5Config:
             raise ConfigError(f"num_decoder_layers must be >= 0, got {self.num_decoder_layers}")
         if self.num_buckets < 4:
             raise ConfigError(f"relative_attention_num_buckets must be >= 4, got {self.num_buckets}")
-        if self.max_distance <= self.num_buckets // 4:
+        if self.max_distance < self.num_buckets // 2:
+            # Below the decoder's exact-bucket range (num_buckets / 2) the reference's log term is
+            # negative and its buckets go negative (indexing the table from the end); the kernels'
+            # constant-beyond-max_distance buckets would then differ from it.
             raise ConfigError(
-                f"relative_attention_max_distance ({self.max_distance}) must exceed num_buckets/4 "
-                f"({self.num_buckets // 4}) for the log-spaced buckets to be defined"
+                f"relative_attention_max_distance ({self.max_distance}) must be at least num_buckets/2 "
+                f"({self.num_buckets // 2}) for the log-spaced buckets to be defined"
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")

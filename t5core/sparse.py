@@ -63,7 +63,8 @@ def make_layout(
     num_side = side_visible.shape[1]
     # Side bias: rel = g - block_id(token) in [-(G-1), G-1], bidirectional, with the global table
     # (t5-facts A3). Kept per rel, not per [L, G] pair, so memory stays linear in L.
-    rel = torch.arange(-(num_side - 1), num_side, device=device)
+    # An input shorter than one global block has no side token (G = 0): an empty table.
+    rel = torch.arange(max(2 * num_side - 1, 0), device=device) - (num_side - 1)
     buckets = relative_position_bucket(rel, True, global_bias.num_buckets, global_bias.max_distance)
     side_bias_lut = global_bias.weight[buckets].t()  # [2G - 1, H] -> [H, 2G - 1]
     return SparseLayout(
@@ -113,11 +114,15 @@ def attend_sparse(
     """Encoder self-attention in a sparse mode; reached through `attention.attend`.
 
     On CUDA, `local` and `block` run the Triton flash kernels over only the visible key tiles
-    (t5core.kernels.sparse_attention); the CPU, dropout, and `transient-global` use the
-    blocked torch functions below (the same function: tests/kernels/test_sparse_*.py).
+    (t5core.kernels.sparse_attention), and so does `transient-global` when no gradient is
+    recorded (its kernels have no backward yet); the CPU, dropout and training use the blocked
+    torch functions below (the same function: tests/kernels/test_sparse_*.py).
     """
     if _uses_kernel(q, layout.mode, dropout_p):
         return sparse_kernel_attention(q, k, v, layout=layout, bias=bias, key_mask=key_mask)
+    if layout.mode is AttentionMode.TRANSIENT_GLOBAL and side_kv is not None and _uses_tglobal_kernel(
+            q, dropout_p, (q, k, v, bias.weight if bias is not None else None, *side_kv, layout.side_bias_lut)):
+        return tglobal_kernel_attention(q, k, v, layout=layout, bias=bias, key_mask=key_mask, side_kv=side_kv)
     if layout.mode is AttentionMode.LOCAL:
         return local_attention(q, k, v, bias, key_mask, layout.local_radius, dropout_p=dropout_p)
     if layout.mode is AttentionMode.TRANSIENT_GLOBAL:
@@ -141,6 +146,29 @@ def _uses_kernel(q: Tensor, mode: AttentionMode, dropout_p: float) -> bool:
     except ImportError:
         return False
     return True
+
+
+def _uses_tglobal_kernel(q: Tensor, dropout_p: float, tensors: tuple) -> bool:
+    if not _uses_kernel(q, AttentionMode.LOCAL, dropout_p):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def tglobal_kernel_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, layout: SparseLayout, bias: RelativeBias | None, key_mask: Tensor | None,
+    side_kv: tuple[Tensor, Tensor],
+) -> Tensor:
+    """`transient-global` through the kernels (inference): the local window and the side keys, one softmax."""
+    from t5core.kernels import transient_global_attention  # lazily: triton is only needed here
+
+    from .attention import key_lengths_from_mask  # lazily: attention imports this module
+
+    return transient_global_attention(
+        q, k, v, None if bias is None else bias.weight, side_kv[0], side_kv[1], layout.side_bias_lut,
+        layout.block_ids, local_radius=layout.local_radius,
+        key_lengths=None if key_mask is None else key_lengths_from_mask(key_mask),
+        num_buckets=32 if bias is None else bias.num_buckets, max_distance=128 if bias is None else bias.max_distance,
+    )
 
 
 def sparse_kernel_attention(

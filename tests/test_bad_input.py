@@ -154,3 +154,15 @@ def test_left_padded_mask_is_rejected_by_length_based_modes(good_checkpoint, att
     model.encode(ids, mask)  # right padding is fine
     basic = load_checkpoint(good_checkpoint, attention="basic")
     basic.encode(ids, left_padded)  # the reference path takes any mask
+
+
+def test_max_distance_below_the_exact_bucket_range_is_refused():
+    # 32 buckets: the decoder's exact range is 16 distances; below it the buckets are not defined.
+    with pytest.raises(ConfigError, match="at least num_buckets/2"):
+        T5Config.from_dict({"vocab_size": 10, "d_model": 8, "d_kv": 4, "d_ff": 8, "num_layers": 1, "num_heads": 2,
+                            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 12})
+    from t5core.kernels.bucket import bucket_lut
+
+    with pytest.raises(ValueError, match="exact-bucket range"):  # the kernels' own guard
+        bucket_lut(False, 32, 12)
+    assert bucket_lut(False, 32, 16).shape == (33,)

@@ -53,6 +53,14 @@ def test_unpadded_batch_without_mask_matches_reference(checkpoint_dir, name):
     assert relative_error(actual.logits, expected.logits) <= 1e-5
 
 
+def test_input_shorter_than_a_global_block_matches_reference(checkpoint_dir):
+    # A padded length of 3 < global_block_size 4: no side token at all (G = 0).
+    folder, reference = checkpoint_dir("longt5-tglobal")
+    valid, expected, actual = _forward_both(load_checkpoint(folder), reference, lengths=[3, 2])
+    assert relative_error(actual.encoder_hidden[valid], expected.encoder_last_hidden_state[valid]) <= 1e-5
+    assert relative_error(actual.logits, expected.logits) <= 1e-5
+
+
 @pytest.mark.parametrize("name", list(LONGT5_CONFIGS))
 def test_greedy_generation_matches_reference(checkpoint_dir, name):
     folder, reference = checkpoint_dir(name)

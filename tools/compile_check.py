@@ -104,7 +104,7 @@ class Compiler:
 def exercise(dtypes=(torch.bfloat16, torch.float16, torch.float32), head_dims=(32, 64, 128)) -> None:
     """Run the host code of every mode once (CPU tensors; the launches are intercepted)."""
     from t5core.kernels import decode, flash, fused
-    from t5core.kernels.ops import flash_attention, flash_attention_varlen, sparse_attention
+    from t5core.kernels.ops import flash_attention, flash_attention_varlen, sparse_attention, transient_global_attention
 
     torch.manual_seed(0)
     for dtype in dtypes:
@@ -123,6 +123,11 @@ def exercise(dtypes=(torch.bfloat16, torch.float16, torch.float32), head_dims=(3
             for run in runs:
                 out = run()
                 out.backward(torch.randn_like(out))
+            with torch.no_grad():
+                side = torch.randn(2, 4, 18, d, dtype=dtype)
+                block_ids = (torch.arange(300) // 16).clamp_max(17)[None].repeat(2, 1)
+                transient_global_attention(q, k, v, table, side, side, torch.randn(4, 35), block_ids, local_radius=127,
+                                           key_lengths=kl)
             qv, kv, vv = (torch.randn(300, 4, d, dtype=dtype, requires_grad=True) for _ in range(3))
             cu = torch.tensor([0, 100, 300], dtype=torch.int32)
             out = flash_attention_varlen(qv, kv, vv, table, cu, cu, 200, 200)

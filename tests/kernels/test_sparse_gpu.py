@@ -157,3 +157,35 @@ def test_memory_is_linear_in_length(pattern):
         del q, k, v, table, out
         torch.cuda.empty_cache()
     assert peaks[131072] < 2.3 * peaks[65536], peaks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_transient_global_kernels_against_the_torch_route_at_4k(dtype):
+    """Inference route of transient-global (local kernel + side kernel, merged) against the
+    blocked torch route in float64, 4k tokens with padding and an orphan tail, G = 256 side keys."""
+    from t5core.config import AttentionMode, T5Config
+    from t5core.layers import RelativeBias
+    import copy
+
+    from t5core.sparse import global_aggregates, local_attention, make_layout, tglobal_kernel_attention
+
+    B, H, L, D = 2, 4, 4096, 64
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, device="cuda") for _ in range(3))
+    bias, global_bias = (RelativeBias(32, 128, H, bidirectional=True).cuda() for _ in range(2))
+    with torch.no_grad():
+        bias.weight.normal_(0, 2.0, generator=g)
+        global_bias.weight.normal_(0, 2.0, generator=g)
+    mask = torch.arange(L, device="cuda")[None, :] < torch.tensor([L, 3001], device="cuda")[:, None]
+    layout = make_layout(T5Config(attention=AttentionMode.TRANSIENT_GLOBAL), mask, B, L, global_bias)
+    side = global_aggregates(torch.randn(B, L, H * D, generator=g, device="cuda"), layout)
+    side = side.view(B, -1, H, D).transpose(1, 2) * 0.1
+    side_kv = (side, torch.randn(side.shape, generator=g, device="cuda"))
+    with torch.no_grad():
+        side64 = (side_kv[0].double(), side_kv[1].double(), layout.side_bias_lut.double(), layout.side_visible,
+                  layout.block_ids)
+        expected = local_attention(q.double(), k.double(), v.double(), copy.deepcopy(bias).double(), mask,
+                                   layout.local_radius, side=side64)
+        actual = tglobal_kernel_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout=layout, bias=bias,
+                                          key_mask=mask, side_kv=tuple(t.to(dtype) for t in side_kv))
+    assert rel_err(actual, expected) < TOL[dtype]

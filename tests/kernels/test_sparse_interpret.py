@@ -238,6 +238,52 @@ def test_kernel_route_equals_the_torch_route(mode, params):
     assert rel_err(kernel_out, torch_out.double()) < FP32_TOL
 
 
+# ---- transient-global (forward kernels; inference) ---------------------------------------------
+
+@pytest.mark.parametrize("L,lengths,radius,global_block,num_buckets,max_distance", [
+    (70, [70, 33], 9, 4, 32, 24),    # orphans (33 = 8 blocks of 4 + 1), padding, rel beyond max_distance
+    (100, [100, 100], 30, 16, 8, 4),  # side keys beyond +-max_distance (the clamped LUT)
+    (45, [45, 3], 7, 4, 32, 128),    # a row with no full global block: no side key at all
+    (9, [9, 9], 3, 16, 32, 128),     # shorter than a global block: G = 0 side keys
+])
+def test_transient_global_kernel_route_equals_the_torch_route(L, lengths, radius, global_block, num_buckets,
+                                                              max_distance):
+    """tglobal_kernel_attention (what attend_sparse calls on CUDA without gradients) against the
+    torch route of the same layout: the local window and the side keys in one softmax."""
+    from t5core.sparse import global_aggregates, tglobal_kernel_attention
+
+    B, H, D = len(lengths), 2, 16
+    g = torch.Generator().manual_seed(L + radius)
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    bias = RelativeBias(num_buckets, max_distance, H, bidirectional=True)
+    global_bias = RelativeBias(num_buckets, max_distance, H, bidirectional=True)
+    with torch.no_grad():
+        bias.weight.normal_(0, 2.0, generator=g)
+        global_bias.weight.normal_(0, 2.0, generator=g)
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    config = T5Config(attention=AttentionMode.TRANSIENT_GLOBAL, local_radius=radius, global_block_size=global_block,
+                      num_buckets=num_buckets, max_distance=max_distance)
+    layout = make_layout(config, mask, B, L, global_bias)
+    hidden = torch.randn(B, L, H * D, generator=g)
+    side = global_aggregates(hidden, layout).view(B, -1, H, D).transpose(1, 2)  # [B, H, G, D]
+    side_kv = (side * 0.5, torch.randn(side.shape, generator=g))
+    with torch.no_grad():
+        torch_out = attend_sparse(q, k, v, layout=layout, bias=bias, key_mask=mask, side_kv=side_kv)
+        kernel_out = tglobal_kernel_attention(q, k, v, layout=layout, bias=bias, key_mask=mask, side_kv=side_kv)
+    assert torch.isfinite(kernel_out).all()
+    assert rel_err(kernel_out, torch_out.double()) < FP32_TOL
+
+
+def test_transient_global_kernels_refuse_to_record_gradients():
+    from t5core.kernels import transient_global_attention
+
+    q = torch.randn(1, 1, 8, 16, requires_grad=True)
+    side = torch.randn(1, 1, 2, 16)
+    with pytest.raises(RuntimeError, match="no backward yet"):
+        transient_global_attention(q, q, q, None, side, side, torch.zeros(1, 3), torch.zeros(1, 8, dtype=torch.long),
+                                   local_radius=2)
+
+
 def test_opcheck_sparse_patterns():
     q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))
     table = torch.randn(32, 2, requires_grad=True)
