@@ -661,11 +661,13 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0, blk_head,
-                c_first, far_bias, q_len, q_offset, start, end, offs_m, offs_n, offs_d, bias_row,
+                c_first, far_bias, q_len, q_offset, start, end, offs_m, offs_n, offs_d, bias_row, q_pos_base,
                 MODE: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                 FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_DISTANCE: tl.constexpr,
-                PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr):
+                PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
+                Q_POS_TENSOR: tl.constexpr):
     # Transposed orientation: scores^T [BLOCK_N keys, BLOCK_M queries], so dk and dv need no transposes.
+    # Q_POS_TENSOR (transient-global side keys): query positions are read from q_pos_base (NEAR_LUT only).
     STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
@@ -683,8 +685,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
                 blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + offs_n[:, None] * BLOCK_M + offs_m[None, :])
                 s = _dot_acc(k, tl.trans(q), blk, FP32_DOT) * LOG2E
             elif HAS_BIAS:  # sparse boundary tiles: bias gathered per score
-                s = (_dot(k, tl.trans(q), FP32_DOT) + lut_lookup(cols[:, None] - (rows + q_offset)[None, :],
-                                                                 bias_row, MAX_DISTANCE)) * LOG2E
+                if Q_POS_TENSOR:
+                    q_pos = tl.maximum(tl.load(q_pos_base + rows, mask=rmask, other=0), 0)
+                else:
+                    q_pos = rows + q_offset
+                s = (_dot(k, tl.trans(q), FP32_DOT) + lut_lookup(cols[:, None] - q_pos[None, :], bias_row,
+                                                                 MAX_DISTANCE)) * LOG2E
             else:
                 s = _dot(k, tl.trans(q), FP32_DOT) * LOG2E
             p_t = tl.math.exp2(s - lse[None, :])
@@ -785,33 +791,33 @@ def _bwd_dkdv_kernel(
         if PATTERN == LOCAL:  # every query tile reads its window block (see the forward)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
                                  n0, blk_head, c_first, 0.0, q_len, q_offset, a0, e1, offs_m, offs_n, offs_d,
-                                 bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                                 DENSE, 0, 1, 0)
+                                 bias_row, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 DENSE, 0, 1, 0, False)
         else:
             if PATTERN != DENSE:
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
                                      n0, blk_head, c_first, 0.0, q_len, q_offset, 0, lead_end, offs_m, offs_n, offs_d,
-                                     bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
                                      n0, blk_head, c_first, 0.0, q_len, q_offset, a0, i0, offs_m, offs_n, offs_d,
-                                     bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
                                  blk_head, c_first, c_right, q_len, q_offset, i0, right_end, offs_m, offs_n, offs_d,
-                                 bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0)
+                                 bias_row, bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
                                  blk_head, c_first, 0.0, q_len, q_offset, right_end, left_start, offs_m, offs_n,
-                                 offs_d, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                                 DENSE, 0, 1, 0)
+                                 offs_d, bias_row, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 DENSE, 0, 1, 0, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
                                  blk_head, c_first, c_left, q_len, q_offset, left_start, i1, offs_m, offs_n, offs_d,
-                                 bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0)
+                                 bias_row, bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0, False)
             if PATTERN != DENSE:
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
                                      n0, blk_head, c_first, 0.0, q_len, q_offset, i1, e1, offs_m, offs_n, offs_d,
-                                     bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
     # Keys past the key length get exactly zero (their p was not masked above).
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
@@ -953,8 +959,8 @@ def _global_cols_dkdv_kernel(
     dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
                          LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
                          stride_qm, stride_dom, cols, n0, bias_row, 0, 0.0, seqlen, 0, start, end, offs_m, offs_n,
-                         offs_d, bias_row, NEAR_LUT, HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                         BLOCK, 0, SBLOCK, NUM_GLOBAL)
+                         offs_d, bias_row, bias_row, NEAR_LUT, HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                         BLOCK, 0, SBLOCK, NUM_GLOBAL, False)
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
     col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
@@ -1012,6 +1018,99 @@ def _side_fwd_kernel(
     tl.store(Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=rmask[:, None])
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, lse, mask=rmask)
+
+
+
+@triton.jit
+def _side_dq_kernel(
+    Q, SK, SV, DO, LSE, Delta, DQ, DTablePart, BlockIds, SideLens, BiasLUT, SegLUT, SegStart, SegBucket,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_ib,
+    stride_pb, stride_ph, stride_pm,
+    num_heads, seqlen,
+    NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq [B, H, L, D] fp32 of the side keys and the global table's per-bucket dS sums per query tile.
+    LSE is +inf on rows that see no side key, so they contribute nothing."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // num_heads).to(tl.int64)
+    h64 = (pid_bh % num_heads).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    nb_idx = tl.arange(0, NB_POW2)
+    rmask = offs_m < seqlen
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=float("inf"))
+    delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=0.0)
+    q_pos = tl.maximum(tl.load(BlockIds + b64 * stride_ib + offs_m, mask=rmask, other=0).to(tl.int32), 0)
+    # The first row's position: block ids never decrease along a row, so the tile's rels lie in
+    # [n0 - first - (BLOCK_M - 1), n0 - first + BLOCK_N - 1], the range the segment sums visit.
+    first = tl.maximum(tl.load(BlockIds + b64 * stride_ib + m0).to(tl.int32), 0)
+    n_side = tl.load(SideLens + b64).to(tl.int32)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
+    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
+    dq, acc_rows, acc_nb = _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, SK + b64 * stride_kb + h64 * stride_kh,
+                                     SV + b64 * stride_vb + h64 * stride_vh, stride_kn, stride_vn, q_pos, bias_row,
+                                     bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, n_side, 0,
+                                     tl.cdiv(n_side, BLOCK_N) * BLOCK_N, first, 0, offs_m, offs_n, offs_d, nb_idx,
+                                     NEAR_LUT, True, True, False, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1,
+                                     0)
+    tl.store(DQ + ((b64 * num_heads + h64) * seqlen + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq,
+             mask=rmask[:, None])
+    tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, acc_nb,
+             mask=nb_idx < NUM_BUCKETS)
+
+
+@triton.jit
+def _side_dkdv_kernel(
+    Q, SK, SV, DO, LSE, Delta, PartDK, PartDV, BlockIds, SideLens, BiasLUT,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_ib,
+    num_heads, seqlen, chunk, cols_total,
+    MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Partial dk, dv of side-key tile t over queries [c * chunk, (c + 1) * chunk) (every query
+    sees every side key of its row, so the query axis is split and summed by the caller)."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n0 = tl.program_id(2) * BLOCK_N
+    b64 = (pid_bh // num_heads).to(tl.int64)
+    h64 = (pid_bh % num_heads).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = n0 + offs_n
+    n_side = tl.load(SideLens + b64).to(tl.int32)
+    kmask = cols < n_side
+    k = tl.load(SK + b64 * stride_kb + h64 * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    v = tl.load(SV + b64 * stride_vb + h64 * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    start = c * chunk
+    end = tl.minimum(start + chunk, seqlen)
+    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
+                         LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
+                         stride_qm, stride_dom, cols, n0, bias_row, 0, 0.0, seqlen, 0, start, end, offs_m, offs_n,
+                         offs_d, bias_row, BlockIds + b64 * stride_ib, NEAR_LUT, True, False, FP32_DOT, BLOCK_M,
+                         BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0, True)
+    dk = tl.where(kmask[:, None], dk, 0.0)
+    dv = tl.where(kmask[:, None], dv, 0.0)
+    col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
+    tl.store(PartDK + col[:, None] * HEAD_DIM + offs_d[None, :], dk)
+    tl.store(PartDV + col[:, None] * HEAD_DIM + offs_d[None, :], dv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1534,3 +1633,55 @@ def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths, max_dista
         HAS_BIAS=True, MAX_DISTANCE=max_distance, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out, lse
+
+
+def side_lut(table: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """[H, 2 * max_distance + 1] fp32: the (global) table at the bidirectional bucket of every rel."""
+    return table.float()[_bucket_tables(True, num_buckets, max_distance, table.device).lut.long()].t().contiguous()
+
+
+def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_lengths, num_buckets, max_distance):
+    """Gradients of the side part of transient-global, given the merged out and lse:
+    (dq fp32 [B, H, L, D], d side_k, d side_v, d table [num_buckets, H])."""
+    q, side_k, side_v = (_last_dim_contiguous(x) for x in (q, side_k, side_v))
+    do = do.contiguous()
+    batch, heads, length, dim = q.shape
+    fp32 = q.dtype == torch.float32
+    block_ids = block_ids.contiguous()
+    # Rows that see no side key (block id -1) get lse = +inf here, hence p = 0 against side keys.
+    lse = torch.where(block_ids[:, None, :] < 0, float("inf"), lse).contiguous()
+    delta = (out.float() * do.float()).sum(-1).contiguous()  # [B, H, L], of the merged output
+    lut = side_lut(table, num_buckets, max_distance)
+    tables = _bucket_tables(True, num_buckets, max_distance, q.device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), side_k.stride(0), side_k.stride(1), side_k.stride(2),
+               side_v.stride(0), side_v.stride(1), side_v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+               lse.stride(0), lse.stride(1), block_ids.stride(0))
+
+    block_m, block_n = tile("dq", fp32)
+    n_tiles = triton.cdiv(length, block_m)
+    dq = torch.empty((batch, heads, length, dim), dtype=torch.float32, device=q.device)
+    parts = torch.zeros((batch, heads, n_tiles, num_buckets), dtype=torch.float32, device=q.device)
+    _launch_plain(
+        _side_dq_kernel, (n_tiles, batch * heads),
+        q, side_k, side_v, do, lse, delta, dq, parts, block_ids, side_lengths, lut, tables.seg_lut, tables.seg_start,
+        tables.seg_bucket, *strides, parts.stride(0), parts.stride(1), parts.stride(2), heads, length,
+        NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets), MAX_DISTANCE=max_distance,
+        FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+
+    block_m, block_n = tile("dkdv", fp32)
+    num_side = side_k.shape[2]
+    n_tiles = triton.cdiv(num_side, block_n)
+    cols, chunk = n_tiles * block_n, _global_chunk(length, block_m)
+    n_chunks = triton.cdiv(length, chunk)
+    part_dk = torch.empty((n_chunks, batch * heads, cols, dim), dtype=torch.float32, device=q.device)
+    part_dv = torch.empty_like(part_dk)
+    _launch_plain(
+        _side_dkdv_kernel, (n_chunks, batch * heads, n_tiles),
+        q, side_k, side_v, do, lse, delta, part_dk, part_dv, block_ids, side_lengths, lut, *strides, heads, length,
+        chunk, cols, MAX_DISTANCE=max_distance, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    d_side_k = part_dk.sum(0).view(batch, heads, cols, dim)[:, :, :num_side].to(side_k.dtype)
+    d_side_v = part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :num_side].to(side_v.dtype)
+    d_table = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
+    return dq, d_side_k, d_side_v, d_table

@@ -178,35 +178,62 @@ def sparse_attention(
     return out
 
 
+class _TransientGlobal(torch.autograd.Function):
+    """Local window + side keys in one softmax: forward and backward by the kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius, num_buckets,
+                max_distance):
+        pattern = flash.Pattern(1, local_radius, 1, 0)
+        out, lse = flash.forward(q, k, v, table, key_lengths, None, None, 0, 0, True, num_buckets, max_distance, False,
+                                 0, pattern)
+        side_lengths = (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)
+        if side_k.shape[2] > 0:
+            lut = flash.side_lut(global_table, num_buckets, max_distance)
+            side_out, side_lse = flash.side_forward(q, side_k, side_v, lut, block_ids, side_lengths, max_distance)
+            out, lse = flash.merge_attention(out, lse, side_out, side_lse)
+        ctx.save_for_backward(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, side_lengths,
+                              out, lse)
+        ctx.params = (pattern, num_buckets, max_distance)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, side_lengths, out, lse = ctx.saved_tensors
+        pattern, num_buckets, max_distance = ctx.params
+        # Each part's gradient from the merged softmax: P = 2^(S - lse) with the merged lse, and
+        # delta from the merged output, as for any attention over a union of key sets.
+        dq, dk, dv, dtable = flash.backward(dout, q, k, v, out, lse, table, key_lengths, None, None, 0, 0, True,
+                                            num_buckets, max_distance, False, 0, pattern)
+        d_side_k = d_side_v = d_global = None
+        if side_k.shape[2] > 0:
+            dq_side, d_side_k, d_side_v, d_global = flash.side_backward(
+                dout, q, side_k, side_v, out, lse, global_table, block_ids, side_lengths, num_buckets, max_distance)
+            dq = (dq.float() + dq_side).to(dq.dtype)
+        else:
+            d_side_k, d_side_v = torch.zeros_like(side_k), torch.zeros_like(side_v)
+            d_global = torch.zeros_like(global_table)
+        return (dq, dk, dv, dtable if table is not None else None, d_side_k, d_side_v, d_global, None, None, None,
+                None, None)
+
+
 def transient_global_attention(
     q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], side_k: Tensor, side_v: Tensor,
-    side_bias: Tensor, block_ids: Tensor, *, local_radius: int, key_lengths: Optional[Tensor] = None,
+    global_table: Tensor, block_ids: Tensor, *, local_radius: int, key_lengths: Optional[Tensor] = None,
     num_buckets: int = 32, max_distance: int = 128,
 ) -> Tensor:
-    """LongT5 transient-global encoder attention by the kernels; inference only (no backward yet).
+    """LongT5 transient-global encoder attention by the kernels, forward and backward.
 
     One softmax over the `local` window (|k - q| <= local_radius, `table` at bucket(k - q)) and
-    the side keys: side_k, side_v [B, H, G, D]; side_bias [H, 2G - 1], the bias of side key g for
-    query i at index g - block_ids[b, i] + G - 1 (t5core.sparse's `side_bias_lut`); block_ids
-    [B, L] (-1: sees no side key), row b having max(block_ids[b]) + 1 side keys. q, k, v
-    [B, H, L, D]; key_lengths [B] (right padding): padded query rows output 0.
+    the side keys: side_k, side_v [B, H, G, D]; `global_table` [num_buckets, H] at the
+    bidirectional bucket of g - block_ids[b, i]; block_ids [B, L] (-1: sees no side key), row b
+    having max(block_ids[b]) + 1 side keys (t5core.sparse.make_layout gives both). q, k, v
+    [B, H, L, D]; key_lengths [B] (right padding): padded query rows output 0. Gradients reach
+    q, k, v, both tables and the side keys and values. Not a torch.library op: torch.compile
+    traces around it with a graph break.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, table, side_k, side_v, side_bias)):
-        raise RuntimeError("transient_global_attention has no backward yet: call it under torch.no_grad(), or "
-                           "train through t5core.sparse.local_attention (the model does this by itself)")
-    out, lse = flash.forward(q, k, v, table, key_lengths, None, None, 0, 0, True, num_buckets, max_distance, False, 0,
-                             flash.Pattern(1, local_radius, 1, 0))
-    num_side = side_k.shape[2]
-    if num_side == 0:
-        return out
-    # The side bias per rel in +-max_distance (constant beyond, as every T5 bias; rels past
-    # +-(G - 1) never occur): the kernels' LUT form.
-    index = (torch.arange(-max_distance, max_distance + 1, device=q.device) + num_side - 1).clamp(0, 2 * num_side - 2)
-    side_lut = side_bias.float()[:, index]
-    side_lengths = (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)
-    side_out, side_lse = flash.side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths, max_distance)
-    return flash.merge_attention(out, lse, side_out, side_lse)[0]
+    return _TransientGlobal.apply(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius,
+                                  num_buckets, max_distance)
 
 
 def flash_attention_varlen(

@@ -44,6 +44,7 @@ class SparseLayout:
     block_ids: Tensor | None = None  # [B, L] long: each token's side token; -1 = none (padding)
     side_bias_lut: Tensor | None = None  # [H, 2G - 1]: global table at bucket(rel), rel = g - block_id + G - 1
     side_visible: Tensor | None = None  # [B, G] bool: side tokens that hold real tokens
+    global_table: Tensor | None = None  # [num_buckets, H]: what side_bias_lut is read from (the kernels' input)
 
     @property
     def num_side(self) -> int:
@@ -69,7 +70,7 @@ def make_layout(
     side_bias_lut = global_bias.weight[buckets].t()  # [2G - 1, H] -> [H, 2G - 1]
     return SparseLayout(
         config.attention, config.local_radius, config.block_size, config.num_global, block_ids, side_bias_lut,
-        side_visible,
+        side_visible, global_bias.weight,
     )
 
 
@@ -114,14 +115,14 @@ def attend_sparse(
     """Encoder self-attention in a sparse mode; reached through `attention.attend`.
 
     On CUDA, `local` and `block` run the Triton flash kernels over only the visible key tiles
-    (t5core.kernels.sparse_attention), and so does `transient-global` when no gradient is
-    recorded (its kernels have no backward yet); the CPU, dropout and training use the blocked
-    torch functions below (the same function: tests/kernels/test_sparse_*.py).
+    (t5core.kernels.sparse_attention), and `transient-global` the local kernel plus a side-key
+    kernel in one softmax (t5core.kernels.transient_global_attention); the CPU and attention
+    dropout use the blocked torch functions below (the same function: tests/kernels/test_sparse_*.py).
     """
     if _uses_kernel(q, layout.mode, dropout_p):
         return sparse_kernel_attention(q, k, v, layout=layout, bias=bias, key_mask=key_mask)
-    if layout.mode is AttentionMode.TRANSIENT_GLOBAL and side_kv is not None and _uses_tglobal_kernel(
-            q, dropout_p, (q, k, v, bias.weight if bias is not None else None, *side_kv, layout.side_bias_lut)):
+    if layout.mode is AttentionMode.TRANSIENT_GLOBAL and side_kv is not None and _uses_kernel(
+            q, AttentionMode.LOCAL, dropout_p):
         return tglobal_kernel_attention(q, k, v, layout=layout, bias=bias, key_mask=key_mask, side_kv=side_kv)
     if layout.mode is AttentionMode.LOCAL:
         return local_attention(q, k, v, bias, key_mask, layout.local_radius, dropout_p=dropout_p)
@@ -139,7 +140,8 @@ _KERNEL_MODES = {AttentionMode.LOCAL: "local", AttentionMode.BLOCK: "block"}
 
 
 def _uses_kernel(q: Tensor, mode: AttentionMode, dropout_p: float) -> bool:
-    if not q.is_cuda or dropout_p > 0.0 or mode not in _KERNEL_MODES:
+    # The kernels take fp16/bf16/fp32; float64 (a reference run on the GPU) stays in torch.
+    if not q.is_cuda or dropout_p > 0.0 or mode not in _KERNEL_MODES or q.dtype == torch.float64:
         return False
     try:
         import triton  # noqa: F401
@@ -148,23 +150,17 @@ def _uses_kernel(q: Tensor, mode: AttentionMode, dropout_p: float) -> bool:
     return True
 
 
-def _uses_tglobal_kernel(q: Tensor, dropout_p: float, tensors: tuple) -> bool:
-    if not _uses_kernel(q, AttentionMode.LOCAL, dropout_p):
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-
-
 def tglobal_kernel_attention(
     q: Tensor, k: Tensor, v: Tensor, *, layout: SparseLayout, bias: RelativeBias | None, key_mask: Tensor | None,
     side_kv: tuple[Tensor, Tensor],
 ) -> Tensor:
-    """`transient-global` through the kernels (inference): the local window and the side keys, one softmax."""
+    """`transient-global` through the kernels: the local window and the side keys, one softmax."""
     from t5core.kernels import transient_global_attention  # lazily: triton is only needed here
 
     from .attention import key_lengths_from_mask  # lazily: attention imports this module
 
     return transient_global_attention(
-        q, k, v, None if bias is None else bias.weight, side_kv[0], side_kv[1], layout.side_bias_lut,
+        q, k, v, None if bias is None else bias.weight, side_kv[0], side_kv[1], layout.global_table,
         layout.block_ids, local_radius=layout.local_radius,
         key_lengths=None if key_mask is None else key_lengths_from_mask(key_mask),
         num_buckets=32 if bias is None else bias.num_buckets, max_distance=128 if bias is None else bias.max_distance,

@@ -123,11 +123,11 @@ def exercise(dtypes=(torch.bfloat16, torch.float16, torch.float32), head_dims=(3
             for run in runs:
                 out = run()
                 out.backward(torch.randn_like(out))
-            with torch.no_grad():
-                side = torch.randn(2, 4, 18, d, dtype=dtype)
-                block_ids = (torch.arange(300) // 16).clamp_max(17)[None].repeat(2, 1)
-                transient_global_attention(q, k, v, table, side, side, torch.randn(4, 35), block_ids, local_radius=127,
-                                           key_lengths=kl)
+            side = torch.randn(2, 4, 18, d, dtype=dtype, requires_grad=True)
+            block_ids = (torch.arange(300) // 16).clamp_max(17)[None].repeat(2, 1)
+            out = transient_global_attention(q, k, v, table, side, side, torch.randn(32, 4, requires_grad=True),
+                                             block_ids, local_radius=127, key_lengths=kl)
+            out.backward(torch.randn_like(out))
             qv, kv, vv = (torch.randn(300, 4, d, dtype=dtype, requires_grad=True) for _ in range(3))
             cu = torch.tensor([0, 100, 300], dtype=torch.int32)
             out = flash_attention_varlen(qv, kv, vv, table, cu, cu, 200, 200)

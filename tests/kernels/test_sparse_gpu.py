@@ -161,31 +161,37 @@ def test_memory_is_linear_in_length(pattern):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_transient_global_kernels_against_the_torch_route_at_4k(dtype):
-    """Inference route of transient-global (local kernel + side kernel, merged) against the
-    blocked torch route in float64, 4k tokens with padding and an orphan tail, G = 256 side keys."""
+    """transient-global by the kernels (local kernel + side kernels, one softmax) against the
+    blocked torch route in float64: 4k tokens with padding and an orphan tail, G = 256 side
+    keys; the output and the gradients of q, k, v, both tables and the side keys and values."""
     from t5core.config import AttentionMode, T5Config
     from t5core.layers import RelativeBias
-    import copy
-
-    from t5core.sparse import global_aggregates, local_attention, make_layout, tglobal_kernel_attention
+    from t5core.sparse import attend_sparse, make_layout, tglobal_kernel_attention
 
     B, H, L, D = 2, 4, 4096, 64
-    g = torch.Generator(device="cuda").manual_seed(7)
-    q, k, v = (torch.randn(B, H, L, D, generator=g, device="cuda") for _ in range(3))
-    bias, global_bias = (RelativeBias(32, 128, H, bidirectional=True).cuda() for _ in range(2))
-    with torch.no_grad():
-        bias.weight.normal_(0, 2.0, generator=g)
-        global_bias.weight.normal_(0, 2.0, generator=g)
     mask = torch.arange(L, device="cuda")[None, :] < torch.tensor([L, 3001], device="cuda")[:, None]
-    layout = make_layout(T5Config(attention=AttentionMode.TRANSIENT_GLOBAL), mask, B, L, global_bias)
-    side = global_aggregates(torch.randn(B, L, H * D, generator=g, device="cuda"), layout)
-    side = side.view(B, -1, H, D).transpose(1, 2) * 0.1
-    side_kv = (side, torch.randn(side.shape, generator=g, device="cuda"))
-    with torch.no_grad():
-        side64 = (side_kv[0].double(), side_kv[1].double(), layout.side_bias_lut.double(), layout.side_visible,
-                  layout.block_ids)
-        expected = local_attention(q.double(), k.double(), v.double(), copy.deepcopy(bias).double(), mask,
-                                   layout.local_radius, side=side64)
-        actual = tglobal_kernel_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout=layout, bias=bias,
-                                          key_mask=mask, side_kv=tuple(t.to(dtype) for t in side_kv))
+
+    def case(leaf_dtype, work_dtype):
+        g = torch.Generator(device="cuda").manual_seed(7)
+        q, k, v = (torch.randn(B, H, L, D, generator=g, device="cuda", dtype=torch.float64) for _ in range(3))
+        side = [torch.randn(B, H, L // 16, D, generator=g, device="cuda", dtype=torch.float64) * s for s in (0.1, 1)]
+        tables = [torch.randn(32, H, generator=g, device="cuda", dtype=torch.float64) * 2 for _ in range(2)]
+        bias, global_bias = (RelativeBias(32, 128, H, bidirectional=True).to("cuda", leaf_dtype) for _ in range(2))
+        with torch.no_grad():
+            bias.weight.copy_(tables[0])
+            global_bias.weight.copy_(tables[1])
+        layout = make_layout(T5Config(attention=AttentionMode.TRANSIENT_GLOBAL), mask, B, L, global_bias)
+        leaves = [t.to(work_dtype).requires_grad_() for t in (q, k, v, *side)]
+        return leaves, layout, bias, global_bias
+
+    ref_leaves, ref_layout, ref_bias, ref_global = case(torch.float64, torch.float64)
+    expected = attend_sparse(*ref_leaves[:3], layout=ref_layout, bias=ref_bias, key_mask=mask,
+                             side_kv=tuple(ref_leaves[3:]))  # float64 on CUDA: the torch route
+    leaves, layout, bias, global_bias = case(torch.float32, dtype)
+    actual = tglobal_kernel_attention(*leaves[:3], layout=layout, bias=bias, key_mask=mask, side_kv=tuple(leaves[3:]))
     assert rel_err(actual, expected) < TOL[dtype]
+    dout = torch.randn(expected.shape, device="cuda", dtype=torch.float64)
+    ref_grads = torch.autograd.grad(expected, [*ref_leaves, ref_bias.weight, ref_global.weight], dout)
+    grads = torch.autograd.grad(actual, [*leaves, bias.weight, global_bias.weight], dout.to(dtype))
+    for name, grad, ref in zip(["dq", "dk", "dv", "dside_k", "dside_v", "dtable", "dglobal_table"], grads, ref_grads):
+        assert rel_err(grad, ref) < TOL[dtype], f"{name}: {rel_err(grad, ref):.2e}"

@@ -238,7 +238,28 @@ def test_kernel_route_equals_the_torch_route(mode, params):
     assert rel_err(kernel_out, torch_out.double()) < FP32_TOL
 
 
-# ---- transient-global (forward kernels; inference) ---------------------------------------------
+# ---- transient-global: the local kernel + the side-key kernels ----------------------------------
+
+def _tglobal_case(L, lengths, radius, global_block, num_buckets, max_distance, dtype, seed):
+    """(leaves, layout, mask, local bias, side kv) for one precision; the same values each call."""
+    B, H, D = len(lengths), 2, 16
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(3))
+    bias = RelativeBias(num_buckets, max_distance, H, bidirectional=True).to(dtype)
+    global_bias = RelativeBias(num_buckets, max_distance, H, bidirectional=True).to(dtype)
+    with torch.no_grad():
+        bias.weight.copy_(torch.randn(num_buckets, H, generator=g, dtype=torch.float64) * 2)
+        global_bias.weight.copy_(torch.randn(num_buckets, H, generator=g, dtype=torch.float64) * 2)
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    config = T5Config(attention=AttentionMode.TRANSIENT_GLOBAL, local_radius=radius, global_block_size=global_block,
+                      num_buckets=num_buckets, max_distance=max_distance)
+    layout = make_layout(config, mask, B, L, global_bias)
+    num_side = layout.num_side
+    side_k, side_v = (torch.randn(B, H, num_side, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+                      for _ in range(2))
+    leaves = [q, k, v, bias.weight, side_k, side_v, global_bias.weight]
+    return leaves, layout, mask, bias, (side_k, side_v)
+
 
 @pytest.mark.parametrize("L,lengths,radius,global_block,num_buckets,max_distance", [
     (70, [70, 33], 9, 4, 32, 24),    # orphans (33 = 8 blocks of 4 + 1), padding, rel beyond max_distance
@@ -246,42 +267,31 @@ def test_kernel_route_equals_the_torch_route(mode, params):
     (45, [45, 3], 7, 4, 32, 128),    # a row with no full global block: no side key at all
     (9, [9, 9], 3, 16, 32, 128),     # shorter than a global block: G = 0 side keys
 ])
-def test_transient_global_kernel_route_equals_the_torch_route(L, lengths, radius, global_block, num_buckets,
-                                                              max_distance):
-    """tglobal_kernel_attention (what attend_sparse calls on CUDA without gradients) against the
-    torch route of the same layout: the local window and the side keys in one softmax."""
-    from t5core.sparse import global_aggregates, tglobal_kernel_attention
+def test_transient_global_kernels_equal_the_torch_route(monkeypatch, L, lengths, radius, global_block, num_buckets,
+                                                        max_distance):
+    """tglobal_kernel_attention (what attend_sparse calls on CUDA) against the blocked torch route
+    in float64: output and the gradients of q, k, v, both tables and the side keys and values."""
+    from t5core.sparse import tglobal_kernel_attention
 
-    B, H, D = len(lengths), 2, 16
-    g = torch.Generator().manual_seed(L + radius)
-    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
-    bias = RelativeBias(num_buckets, max_distance, H, bidirectional=True)
-    global_bias = RelativeBias(num_buckets, max_distance, H, bidirectional=True)
-    with torch.no_grad():
-        bias.weight.normal_(0, 2.0, generator=g)
-        global_bias.weight.normal_(0, 2.0, generator=g)
-    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
-    config = T5Config(attention=AttentionMode.TRANSIENT_GLOBAL, local_radius=radius, global_block_size=global_block,
-                      num_buckets=num_buckets, max_distance=max_distance)
-    layout = make_layout(config, mask, B, L, global_bias)
-    hidden = torch.randn(B, L, H * D, generator=g)
-    side = global_aggregates(hidden, layout).view(B, -1, H, D).transpose(1, 2)  # [B, H, G, D]
-    side_kv = (side * 0.5, torch.randn(side.shape, generator=g))
-    with torch.no_grad():
-        torch_out = attend_sparse(q, k, v, layout=layout, bias=bias, key_mask=mask, side_kv=side_kv)
-        kernel_out = tglobal_kernel_attention(q, k, v, layout=layout, bias=bias, key_mask=mask, side_kv=side_kv)
-    assert torch.isfinite(kernel_out).all()
-    assert rel_err(kernel_out, torch_out.double()) < FP32_TOL
-
-
-def test_transient_global_kernels_refuse_to_record_gradients():
-    from t5core.kernels import transient_global_attention
-
-    q = torch.randn(1, 1, 8, 16, requires_grad=True)
-    side = torch.randn(1, 1, 2, 16)
-    with pytest.raises(RuntimeError, match="no backward yet"):
-        transient_global_attention(q, q, q, None, side, side, torch.zeros(1, 3), torch.zeros(1, 8, dtype=torch.long),
-                                   local_radius=2)
+    monkeypatch.setattr(flash_mod, "GLOBAL_MIN_CHUNK", 16)  # the side dk/dv split over several query chunks
+    case = (L, lengths, radius, global_block, num_buckets, max_distance)
+    ref_leaves, ref_layout, mask, ref_bias, ref_side = _tglobal_case(*case, torch.float64, seed=L + radius)
+    expected = attend_sparse(*ref_leaves[:3], layout=ref_layout, bias=ref_bias, key_mask=mask, side_kv=ref_side)
+    leaves, layout, _, bias, side = _tglobal_case(*case, torch.float32, seed=L + radius)
+    actual = tglobal_kernel_attention(*leaves[:3], layout=layout, bias=bias, key_mask=mask, side_kv=side)
+    assert torch.isfinite(actual).all()
+    assert rel_err(actual, expected) < FP32_TOL
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(expected, ref_leaves, dout, allow_unused=True)
+    grads = torch.autograd.grad(actual, leaves, dout.float(), allow_unused=True)
+    names = ["dq", "dk", "dv", "dtable", "dside_k", "dside_v", "dglobal_table"]
+    for name, grad, ref in zip(names, grads, ref_grads):
+        if ref is None or ref.norm() == 0:
+            assert grad is None or grad.norm() == 0, name
+            continue
+        assert torch.isfinite(grad).all(), name
+        assert rel_err(grad, ref) < FP32_TOL, f"{name}: {rel_err(grad, ref):.2e}"
 
 
 def test_opcheck_sparse_patterns():
