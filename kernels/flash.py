@@ -530,6 +530,19 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
 
 
 @triton.jit
+def _load_query_rows(Q, DO, LSE, Delta, b64, h64, rows, rmask, stride_qb, stride_qh, stride_qm, stride_dob,
+                     stride_doh, stride_dom, stride_lb, stride_lh, offs_d):
+    """What a dq program reads of its query rows: q, dO, lse (+inf past the end: p = 0) and delta."""
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + rows, mask=rmask, other=float("inf"))
+    delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + rows, mask=rmask, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, Delta, BiasLUT, BiasBlocks, SegLUT, SegStart, SegBucket, DTablePart, KeyLens, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
@@ -566,13 +579,8 @@ def _bwd_dq_kernel(
     h64 = h.to(tl.int64)
     rows = q_start.to(tl.int64) + offs_m
     rmask = offs_m < q_len
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-                mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0)
-    # Rows past the end get lse = +inf, hence p = 0 and dS = 0.
-    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + rows, mask=rmask, other=float("inf"))
-    delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + rows, mask=rmask, other=0.0)
+    q, do, lse, delta = _load_query_rows(Q, DO, LSE, Delta, b64, h64, rows, rmask, stride_qb, stride_qh, stride_qm,
+                                         stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, offs_d)
     k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
     q_pos = offs_m + q_offset
@@ -904,12 +912,8 @@ def _global_rows_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     nb_idx = tl.arange(0, NB_POW2)
     rmask = offs_m < seqlen
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0)
-    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=float("inf"))
-    delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=0.0)
+    q, do, lse, delta = _load_query_rows(Q, DO, LSE, Delta, b64, h64, offs_m, rmask, stride_qb, stride_qh, stride_qm,
+                                         stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, offs_d)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
     bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
@@ -1043,12 +1047,8 @@ def _side_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     nb_idx = tl.arange(0, NB_POW2)
     rmask = offs_m < seqlen
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0)
-    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=float("inf"))
-    delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + offs_m, mask=rmask, other=0.0)
+    q, do, lse, delta = _load_query_rows(Q, DO, LSE, Delta, b64, h64, offs_m, rmask, stride_qb, stride_qh, stride_qm,
+                                         stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, offs_d)
     q_pos = tl.maximum(tl.load(BlockIds + b64 * stride_ib + offs_m, mask=rmask, other=0).to(tl.int32), 0)
     # The first row's position: block ids never decrease along a row, so the tile's rels lie in
     # [n0 - first - (BLOCK_M - 1), n0 - first + BLOCK_N - 1], the range the segment sums visit.
