@@ -53,7 +53,8 @@ def parse_args():
     p.add_argument("--out", default=None, help="JSON path (default bench/results/attention-<date>.json)")
     p.add_argument("--sparse", action="store_true", help="time the sparse modes against dense flash instead")
     p.add_argument("--sparse-lengths", default="4096,32768,131072,1048576")
-    p.add_argument("--sparse-modes", default="dense,local,block")
+    p.add_argument("--sparse-modes", default="dense,local,block,transient-global")
+    p.add_argument("--global-block-size", type=int, default=16, help="transient-global: tokens per side key")
     p.add_argument("--local-radius", type=int, default=127)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--num-global", type=int, default=16)
@@ -171,7 +172,7 @@ def measure(fn, mode, q):
     return ms, peak
 
 
-def visible_scores(mode, L, radius, block_size, num_global):
+def visible_scores(mode, L, radius, block_size, num_global, global_block_size=16):
     """Exact number of (query, key) pairs a mode lets attend, for one head of one length-L row."""
     if mode == "dense":
         return L * L
@@ -186,6 +187,8 @@ def visible_scores(mode, L, radius, block_size, num_global):
         lead_outside = lead - ((block_start + block_size).clamp(max=lead) - block_start.clamp(max=lead))
         per_query = torch.where(q < num_global, torch.full_like(q, L), block_len + lead_outside)
         return int(per_query.sum())
+    if mode == "transient-global":  # the local window plus L // global_block_size side keys
+        return visible_scores("local", L, radius, block_size, num_global) + L * (L // global_block_size)
     raise ValueError(mode)
 
 
@@ -214,7 +217,7 @@ def time_and_peak(run, long_run):
 
 def sparse_main(args):
     """Sparse modes vs dense flash: time, memory, throughput per visible score, t(1M)/t(128k)."""
-    from t5core.kernels import flash_attention, sparse_attention
+    from t5core.kernels import flash_attention, sparse_attention, transient_global_attention
 
     dtype = getattr(torch, args.dtype)
     H, D = args.heads, args.head_dim
@@ -224,7 +227,8 @@ def sparse_main(args):
     results = []
     for L in (int(x) for x in args.sparse_lengths.split(",")):
         for mode in modes:
-            scores = visible_scores(mode, L, args.local_radius, args.block_size, args.num_global)
+            scores = visible_scores(mode, L, args.local_radius, args.block_size, args.num_global,
+                                    args.global_block_size)
             for kind in kinds:
                 row = dict(mode=mode, kind=kind, L=L, B=1, H=H, D=D, visible_scores_per_head=scores,
                            density=scores / (L * L))
@@ -236,6 +240,14 @@ def sparse_main(args):
                     table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(need_grad)
                     if mode == "dense":
                         fn = lambda: flash_attention(q, k, v, table)  # noqa: E731
+                    elif mode == "transient-global":
+                        side = L // args.global_block_size
+                        side_k, side_v = (torch.randn(1, H, side, D, device="cuda", dtype=dtype,
+                                                      requires_grad=need_grad) for _ in range(2))
+                        global_table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(need_grad)
+                        block_ids = (torch.arange(L, device="cuda") // args.global_block_size)[None]
+                        fn = lambda: transient_global_attention(  # noqa: E731
+                            q, k, v, table, side_k, side_v, global_table, block_ids, local_radius=args.local_radius)
                     else:
                         fn = lambda: sparse_attention(q, k, v, table, pattern=mode, **params[mode])  # noqa: E731
                     grad = torch.randn(1, H, L, D, device="cuda", dtype=dtype) if need_grad else None
@@ -255,7 +267,7 @@ def sparse_main(args):
                     row["status"] = f"error: {type(err).__name__}: {str(err)[:200]}"
                     traceback.print_exc(limit=3)
                 finally:
-                    q = k = v = table = fn = grad = None
+                    q = k = v = table = fn = grad = side_k = side_v = global_table = None
                     torch.cuda.empty_cache()
                 results.append(row)
                 print(json.dumps(row), flush=True)

@@ -38,7 +38,7 @@ for s in ${STEPS:-tests attention model generate}; do
              --sizes 1x512,1x8192,1x32768,32x512 --budget-s 120 --out "$OUT" ;;
     sparse_tests) step sparse_gpu_tests ${T_SPARSE_TESTS:-300} python3 -m pytest -m gpu \
              tests/kernels/test_sparse_gpu.py -q -p no:cacheprovider -rs -n ${XDIST:-8} --durations=12 ;;
-    sparse_attention) step bench_sparse_attention ${T_SPARSE_ATTENTION:-280} python3 tools/bench_attention.py \
+    sparse_attention) step bench_sparse_attention ${T_SPARSE_ATTENTION:-360} python3 tools/bench_attention.py \
              --sparse --out "$OUT/sparse-attention.json" ;;
     encoder_modes) step bench_encoder_modes ${T_ENCODER_MODES:-560} python3 tools/bench_model.py \
              --encoder-modes flash,local,block,transient-global --out "$OUT" ;;
