@@ -75,3 +75,42 @@ def test_flash_runs_131072_tokens_flan_t5_base_shape():
     with torch.no_grad():
         logits = model(ids, decoder_input_ids=ids[:, :128]).logits
     assert logits.shape == (1, 128, 32128) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["longt5-local", "longt5-tglobal"])
+def test_longt5_on_the_gpu_matches_the_reference(checkpoint_dir, name):
+    """LongT5 checkpoints on CUDA run the sparse kernels (local; transient-global's local + side
+    kernels) in float32: encoder output and logits against transformers' eager float32 on the
+    CPU, and for transient-global the training loss and the gradients of q and both tables."""
+    folder, reference = checkpoint_dir(name)
+    model = load_checkpoint(folder, device="cuda")  # float32, the checkpoint's own mode
+    ids, mask = random_batch(reference.config.vocab_size, [700, 333, 45], seed=5)
+    decoder_ids, _ = random_batch(reference.config.vocab_size, [20] * 3, seed=6)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+        actual = model(ids.cuda(), mask.cuda(), decoder_input_ids=decoder_ids.cuda())
+    valid = mask.bool()
+    assert relative_error(actual.encoder_hidden.cpu()[valid], expected.encoder_last_hidden_state[valid]) <= 1e-5
+    assert relative_error(actual.logits.cpu(), expected.logits) <= 1e-5
+    if name != "longt5-tglobal":
+        return
+    labels, label_mask = random_batch(reference.config.vocab_size, [7, 5, 3], seed=7)
+    labels = labels.masked_fill(~label_mask.bool(), -100)
+    model.train()
+    reference.train()  # dropout_rate is 0 in the test configs
+    try:
+        expected_loss = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
+        actual_loss = model(ids.cuda(), mask.cuda(), labels=labels.cuda()).loss
+        expected_loss.backward()
+        actual_loss.backward()
+        ref = dict(reference.named_parameters())
+        prefix = "encoder.block.0.layer.0.TransientGlobalSelfAttention."
+        assert relative_error(actual_loss.detach().cpu(), expected_loss.detach()) <= 1e-5
+        pairs = [(model.encoder.blocks[0].self_attn.q.weight, prefix + "q.weight"),
+                 (model.encoder.relative_bias.weight, prefix + "relative_attention_bias.weight"),
+                 (model.encoder.global_bias.weight, prefix + "global_relative_attention_bias.weight")]
+        for ours, theirs in pairs:
+            assert relative_error(ours.grad.cpu(), ref[theirs].grad) <= 1e-4, theirs
+    finally:
+        reference.eval()
+        reference.zero_grad()
