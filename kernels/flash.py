@@ -232,7 +232,8 @@ def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks,
         block = tl.load(Table + block_bucket * stride_tb + h * stride_th).to(tl.float32)
         if WINDOW >= 0:
             block = tl.where((rel <= WINDOW) & (rel >= -WINDOW), block, float("-inf"))
-        tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols, block)
+        tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols,
+                 block.to(Blocks.dtype.element_ty))
 
 
 def near_c_range(max_distance: int, rows: int, cols: int, q_offset: int) -> tuple[int, int]:
@@ -287,7 +288,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
             if HAS_BIAS and MODE == NEAR_BLOCK:
                 ci = (start_n - m0 - q_offset - c_first) // STEP
                 blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + (offs_m - m0)[:, None] * BLOCK_N
-                              + offs_n[None, :])
+                              + offs_n[None, :]).to(tl.float32)
                 s = _dot_acc(q, tl.trans(k), blk, FP32_DOT) * LOG2E
             elif HAS_BIAS:
                 s = (_dot(q, tl.trans(k), FP32_DOT) + lut_lookup(cols[None, :] - q_pos[:, None], bias_row,
@@ -489,7 +490,7 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
             if HAS_BIAS and MODE == NEAR_BLOCK:
                 ci = (start_n - m0 - q_offset - c_first) // STEP
                 blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + (offs_m - m0)[:, None] * BLOCK_N
-                              + offs_n[None, :])
+                              + offs_n[None, :]).to(tl.float32)
                 s = _dot_acc(q, tl.trans(k), blk, FP32_DOT) * LOG2E
             elif HAS_BIAS:
                 s = (_dot(q, tl.trans(k), FP32_DOT) + lut_lookup(cols[None, :] - q_pos[:, None], bias_row,
@@ -690,7 +691,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
         else:
             if HAS_BIAS and MODE == NEAR_BLOCK:
                 ci = (n0 - start_m - q_offset - c_first) // STEP
-                blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + offs_n[:, None] * BLOCK_M + offs_m[None, :])
+                blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + offs_n[:, None] * BLOCK_M
+                              + offs_m[None, :]).to(tl.float32)
                 s = _dot_acc(k, tl.trans(q), blk, FP32_DOT) * LOG2E
             elif HAS_BIAS:  # sparse boundary tiles: bias gathered per score
                 if Q_POS_TENSOR:
@@ -1250,12 +1252,15 @@ def _bias_inputs(table: torch.Tensor, bucket_lut_: torch.Tensor, max_distance: i
     """The bias inputs of the kernels, straight from the [num_buckets, H] table in one launch per tile shape.
 
     Returns (bias_lut, [(blocks, c_first, n_blocks) per tile]): bias_lut [H, 2 * max_distance + 1]
-    fp32 is table[bucket(rel), h] for every rel; blocks [H, n, R, C] fp32 are the near-tile bias
-    blocks for tiles of (rows queries, cols keys, transposed): those of near tiles (near_c_range),
-    or with window >= 0 those of every tile of the `local` pattern, -inf outside the window
-    (window_c_range)."""
+    fp32 is table[bucket(rel), h] for every rel; blocks [H, n, R, C] (the table's dtype if
+    16-bit, else fp32) are the bias blocks for tiles of (rows queries, cols keys, transposed):
+    those of near tiles (near_c_range), or with window >= 0 those of every tile of the `local`
+    pattern, -inf outside the window (window_c_range)."""
     heads = table.shape[1]
     bias_lut = torch.empty((heads, 2 * max_distance + 1), dtype=torch.float32, device=table.device)
+    # A bf16/fp16 table's values (and -inf) are exact in its own dtype: its blocks take half the
+    # bytes of fp32 ones, and near tiles read one per tile.
+    block_dtype = table.dtype if table.dtype in (torch.bfloat16, torch.float16) else torch.float32
     made = []
     for i, (rows, cols, transposed) in enumerate(tiles):
         if window >= 0:
@@ -1263,7 +1268,7 @@ def _bias_inputs(table: torch.Tensor, bucket_lut_: torch.Tensor, max_distance: i
         else:
             c_first, n_blocks = near_c_range(max_distance, rows, cols, q_offset)
         shape = (cols, rows) if transposed else (rows, cols)
-        blocks = torch.empty((heads, n_blocks, *shape), dtype=torch.float32, device=table.device)
+        blocks = torch.empty((heads, n_blocks, *shape), dtype=block_dtype, device=table.device)
         write_lut = i == 0
         _bias_blocks_kernel[(n_blocks + write_lut, heads)](
             table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, blocks, c_first, n_blocks,

@@ -50,6 +50,8 @@ def parse_args():
     p.add_argument("--num-buckets", type=int, default=32, help="t5core only (diagnostics: 4 with --max-distance 2 "
                    "leaves almost no near-diagonal tiles)")
     p.add_argument("--max-distance", type=int, default=128, help="t5core only")
+    p.add_argument("--table-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the bias table's dtype (a bf16 model's is bf16: bf16 near-tile blocks)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/attention-<date>.json)")
     p.add_argument("--sparse", action="store_true", help="time the sparse modes against dense flash instead")
     p.add_argument("--sparse-lengths", default="4096,32768,131072,1048576")
@@ -237,7 +239,8 @@ def sparse_main(args):
                     need_grad = kind == "fwd_bwd"
                     q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=dtype, requires_grad=need_grad)
                                for _ in range(3))
-                    table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(need_grad)
+                    table = (torch.randn(32, H, device="cuda") * 3).to(getattr(torch, args.table_dtype))
+                    table.requires_grad_(need_grad)
                     if mode == "dense":
                         fn = lambda: flash_attention(q, k, v, table)  # noqa: E731
                     elif mode == "transient-global":
@@ -292,7 +295,8 @@ def sparse_main(args):
     import triton
     props = torch.cuda.get_device_properties(0)
     report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), gpu=props.name,
-                  torch=torch.__version__, triton=triton.__version__, dtype=args.dtype, heads=H, head_dim=D,
+                  torch=torch.__version__, triton=triton.__version__, dtype=args.dtype, table_dtype=args.table_dtype,
+                  heads=H, head_dim=D,
                   params=params, results=results, summary=summary,
                   targets="t(1M)/t(128k) <= 9 for local and block; sparse throughput per visible score >= 0.8x dense")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -356,7 +360,8 @@ def main():
                         need_grad = mode == "fwd_bwd"
                         q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=need_grad)
                                    for _ in range(3))
-                        table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(need_grad)
+                        table = (torch.randn(32, H, device="cuda") * 3).to(getattr(torch, args.table_dtype))
+                        table.requires_grad_(need_grad)
                         fn = make_peer(name, q, k, v, table, args.causal, L, args.num_buckets, args.max_distance)
                         ms, peak = measure(fn, mode, q)
                         row.update(status="ok", ms=ms, tflops=flops / ms / 1e9, peak_extra_mb=peak / 2**20)
@@ -393,7 +398,8 @@ def main():
     report = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"), gpu=props.name,
         capability=f"{props.major}.{props.minor}", torch=torch.__version__, triton=triton.__version__,
-        transformers=transformers.__version__, dtype=args.dtype, causal=args.causal, heads=H, head_dim=D,
+        transformers=transformers.__version__, dtype=args.dtype, table_dtype=args.table_dtype, causal=args.causal,
+        heads=H, head_dim=D,
         tokens=args.tokens, tiles={k: flash.tile(k, dtype == torch.float32) for k in ("fwd", "dq", "dkdv")},
         autotuned=flash.best_configs(), flops_note="fwd 4BHL^2D, fwd+bwd 2.5x fwd, causal halves",
         results=results, ratios=ratios,

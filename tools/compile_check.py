@@ -87,7 +87,8 @@ class Compiler:
 
     def run(self, fn: JITFunction, *args, grid=None, warmup=False, **kwargs):
         sig, constexprs, options = _signature(fn, args, kwargs)
-        key = f"{fn.__name__} {sorted(constexprs.items())} {sorted(options.items())}"
+        types = sorted((k, v) for k, v in sig.items() if v.startswith("*"))  # pointer dtypes make variants too
+        key = f"{fn.__name__} {sorted(constexprs.items())} {sorted(options.items())} {types}"
         if key in self.seen:
             return None
         try:
@@ -111,11 +112,14 @@ def exercise(dtypes=(torch.bfloat16, torch.float16, torch.float32), head_dims=(3
         for d in head_dims:
             q, k, v = (torch.randn(2, 4, 300, d, dtype=dtype, requires_grad=True) for _ in range(3))
             table = torch.randn(32, 4, requires_grad=True)
+            table16 = torch.randn(32, 4, dtype=torch.bfloat16, requires_grad=True)  # a bf16 model's: bf16 blocks
             kl = torch.tensor([300, 170])
             runs = [
                 lambda: flash_attention(q, k, v, table, key_lengths=kl),
                 lambda: flash_attention(q, k, v, table, causal=True, bidirectional=False, q_offset=5),
                 lambda: flash_attention(q, k, v, None, key_lengths=kl),
+                lambda: flash_attention(q, k, v, table16, key_lengths=kl),
+                lambda: sparse_attention(q, k, v, table16, pattern="local", local_radius=127, key_lengths=kl),
                 lambda: sparse_attention(q, k, v, table, pattern="local", local_radius=127, key_lengths=kl),
                 lambda: sparse_attention(q, k, v, None, pattern="local", local_radius=300),
                 lambda: sparse_attention(q, k, v, table, pattern="block", block_size=64, num_global=16, key_lengths=kl),

@@ -232,3 +232,25 @@ def test_torch_compile_traces_without_graph_breaks(backend):
     assert math.isclose(loss.item(), attend(q, k, v, table).item(), rel_tol=1e-6)
     for got, want in zip(grads, [t.grad for t in (q, k, v, table)]):
         assert torch.allclose(got, want)
+
+
+def test_bf16_table_gives_bf16_bias_blocks_with_exact_values(monkeypatch):
+    """A bf16 table (a bf16 model's) makes bf16 near-tile blocks: its values are exact in bf16, so
+    fp32 inputs still match the float64 reference of the same (bf16) table to fp32 precision."""
+    made = []
+    original = flash_mod._bias_inputs
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        made.extend(blocks.dtype for blocks, _, _ in result[1])
+        return result
+
+    monkeypatch.setattr(flash_mod, "_bias_inputs", spy)
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 3, 130, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    table = (torch.randn(32, 3, generator=g, dtype=torch.float64) * 3).to(torch.bfloat16)
+    kl = torch.tensor([130, 77])
+    ref = reference_attention(q, k, v, table.double(), key_lengths=kl)
+    out = flash_attention(q.float(), k.float(), v.float(), table, key_lengths=kl)
+    assert made and all(dtype == torch.bfloat16 for dtype in made)
+    assert rel_err(out, ref) < FP32_TOL
