@@ -744,7 +744,7 @@ def _bwd_dkdv_kernel(
     if n0 >= store_len:
         return
     if PATTERN == BLOCK:
-        if n0 < NUM_GLOBAL:  # a tile of global keys: _global_cols_dkdv_kernel
+        if n0 < NUM_GLOBAL:  # a tile of global keys: _split_dkdv_kernel
             return
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -936,17 +936,20 @@ def _global_rows_dq_kernel(
 
 
 @triton.jit
-def _global_cols_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, PartDK, PartDV, BiasLUT, KeyLens,
+def _split_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, PartDK, PartDV, BiasLUT, KeyLens, QPos,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
-    num_heads, seqlen, chunk, cols_total,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_pb,
+    num_heads, seqlen, num_keys, chunk, cols_total,
     HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr,
-    NUM_GLOBAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PATTERN: tl.constexpr,
+    SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr, Q_POS_TENSOR: tl.constexpr,
 ):
-    """Partial dk, dv of key tile t over queries [c * chunk, (c + 1) * chunk)."""
-    c, pid_bh, b64, h64, kv_len = _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS)
+    """Partial dk, dv of key tile t over queries [c * chunk, (c + 1) * chunk), for keys that
+    queries all along the sequence see: `block`'s global keys (PATTERN, keys = the queries'
+    sequence) or transient-global's side keys (Q_POS_TENSOR: query positions read from QPos).
+    The caller sums the chunks."""
+    c, pid_bh, b64, h64, kv_len = _split_program(num_heads, num_keys, KeyLens, HAS_KEYLENS)
     n0 = tl.program_id(2) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -960,19 +963,22 @@ def _global_cols_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     start = c * chunk
-    end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_M) * BLOCK_M)  # padded query rows see nothing
+    if Q_POS_TENSOR:
+        q_end = seqlen
+    else:
+        q_end = tl.cdiv(kv_len, BLOCK_M) * BLOCK_M  # queries are the keys' sequence: padded rows see nothing
+    end = tl.minimum(start + chunk, q_end)
     bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
     dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
                          LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
                          stride_qm, stride_dom, cols, n0, bias_row, 0, 0.0, seqlen, 0, start, end, offs_m, offs_n,
-                         offs_d, bias_row, bias_row, NEAR_LUT, HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
-                         BLOCK, 0, SBLOCK, NUM_GLOBAL, False)
+                         offs_d, bias_row, QPos + b64 * stride_pb, NEAR_LUT, HAS_BIAS, False, FP32_DOT, BLOCK_M,
+                         BLOCK_N, MAX_DISTANCE, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
     col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
     tl.store(PartDK + col[:, None] * HEAD_DIM + offs_d[None, :], dk)
     tl.store(PartDV + col[:, None] * HEAD_DIM + offs_d[None, :], dv)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1026,7 +1032,6 @@ def _side_fwd_kernel(
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, lse, mask=rmask)
 
 
-
 @triton.jit
 def _side_dq_kernel(
     Q, SK, SV, DO, LSE, Delta, DQ, DTablePart, BlockIds, SideLens, BiasLUT, SegLUT, SegStart, SegBucket,
@@ -1070,49 +1075,6 @@ def _side_dq_kernel(
              mask=rmask[:, None])
     tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, acc_nb,
              mask=nb_idx < NUM_BUCKETS)
-
-
-@triton.jit
-def _side_dkdv_kernel(
-    Q, SK, SV, DO, LSE, Delta, PartDK, PartDV, BlockIds, SideLens, BiasLUT,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_ib,
-    num_heads, seqlen, chunk, cols_total,
-    MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Partial dk, dv of side-key tile t over queries [c * chunk, (c + 1) * chunk) (every query
-    sees every side key of its row, so the query axis is split and summed by the caller)."""
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    n0 = tl.program_id(2) * BLOCK_N
-    b64 = (pid_bh // num_heads).to(tl.int64)
-    h64 = (pid_bh % num_heads).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    cols = n0 + offs_n
-    n_side = tl.load(SideLens + b64).to(tl.int32)
-    kmask = cols < n_side
-    k = tl.load(SK + b64 * stride_kb + h64 * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
-                mask=kmask[:, None], other=0.0)
-    v = tl.load(SV + b64 * stride_vb + h64 * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
-                mask=kmask[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    start = c * chunk
-    end = tl.minimum(start + chunk, seqlen)
-    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
-                         LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
-                         stride_qm, stride_dom, cols, n0, bias_row, 0, 0.0, seqlen, 0, start, end, offs_m, offs_n,
-                         offs_d, bias_row, BlockIds + b64 * stride_ib, NEAR_LUT, True, False, FP32_DOT, BLOCK_M,
-                         BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0, True)
-    dk = tl.where(kmask[:, None], dk, 0.0)
-    dv = tl.where(kmask[:, None], dv, 0.0)
-    col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
-    tl.store(PartDK + col[:, None] * HEAD_DIM + offs_d[None, :], dk)
-    tl.store(PartDV + col[:, None] * HEAD_DIM + offs_d[None, :], dv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1552,6 +1514,36 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, max
     lse[:, :, :real] = merged_lse.view(batch, heads, rows)[:, :, :real]
 
 
+def _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, q_pos, first_keys, has_bias, max_distance,
+                pattern: Pattern):
+    """dk, dv (fp32) of the key tiles holding the first `first_keys` keys, over every query, the
+    query axis split into chunks (_split_dkdv_kernel) and summed: [B, H, min(tiles' keys, Lk), D].
+    q_pos [B, L] (transient-global's block ids) gives the query positions, else the row index."""
+    batch, heads, length, dim = q.shape
+    fp32 = q.dtype == torch.float32
+    block_m, block_n = tile("dkdv", fp32)
+    n_tiles = triton.cdiv(first_keys, block_n)
+    cols, chunk = n_tiles * block_n, _global_chunk(length, block_m)
+    n_chunks = triton.cdiv(length, chunk)
+    part_dk = torch.empty((n_chunks, batch * heads, cols, dim), dtype=torch.float32, device=q.device)
+    part_dv = torch.empty_like(part_dk)
+    q_pos_arg = q_pos if q_pos is not None else _dummy(q.device)
+    _launch_plain(
+        _split_dkdv_kernel, (n_chunks, batch * heads, n_tiles),
+        q, k, v, do, lse, delta, part_dk, part_dv, bias_lut,
+        key_lengths if key_lengths is not None else _dummy(q.device), q_pos_arg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
+        q_pos_arg.stride(0) if q_pos is not None else 0, heads, length, k.shape[2], chunk, cols,
+        HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, MAX_DISTANCE=max_distance, FP32_DOT=fp32,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PATTERN=pattern.kind, SBLOCK=pattern.block_size,
+        NUM_GLOBAL=pattern.num_global, Q_POS_TENSOR=q_pos is not None,
+    )
+    keys = min(cols, k.shape[2])
+    return (part_dk.sum(0).view(batch, heads, cols, dim)[:, :, :keys],
+            part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :keys])
+
+
 def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_lengths, has_bias, num_buckets,
                      max_distance, pattern, fp32):
     """dq of the global rows' tiles and dk, dv of the global keys' tiles, split and summed; returns
@@ -1580,20 +1572,11 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_len
     real = min(rows, length)
     dq[:, :, :real] = part_dq.sum(0).view(batch, heads, rows, dim)[:, :, :real].to(dq.dtype)
 
-    block_m, block_n = tile("dkdv", fp32)
-    n_tiles = triton.cdiv(n_global, block_n)
-    cols, chunk = n_tiles * block_n, _global_chunk(length, block_m)
-    n_chunks = triton.cdiv(length, chunk)
-    part_dk = torch.empty((n_chunks, bh, cols, dim), dtype=torch.float32, device=q.device)
-    part_dv = torch.empty_like(part_dk)
-    _launch_plain(
-        _global_cols_dkdv_kernel, (n_chunks, bh, n_tiles),
-        q, k, v, do, lse, delta, part_dk, part_dv, bias_lut, keylens, *strides, heads, length, chunk, cols,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common,
-    )
-    real = min(cols, length)
-    dk[:, :, :real] = part_dk.sum(0).view(batch, heads, cols, dim)[:, :, :real].to(dk.dtype)
-    dv[:, :, :real] = part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :real].to(dv.dtype)
+    part_dk, part_dv = _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, None, n_global, has_bias,
+                                   max_distance, pattern)
+    real = part_dk.shape[2]
+    dk[:, :, :real] = part_dk.to(dk.dtype)
+    dv[:, :, :real] = part_dv.to(dv.dtype)
     return part_table.sum(dim=(0, 2)).view(batch, heads, num_buckets).sum(0)  # [H, num_buckets]
 
 
@@ -1674,19 +1657,8 @@ def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_length
         FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
     )
 
-    block_m, block_n = tile("dkdv", fp32)
-    num_side = side_k.shape[2]
-    n_tiles = triton.cdiv(num_side, block_n)
-    cols, chunk = n_tiles * block_n, _global_chunk(length, block_m)
-    n_chunks = triton.cdiv(length, chunk)
-    part_dk = torch.empty((n_chunks, batch * heads, cols, dim), dtype=torch.float32, device=q.device)
-    part_dv = torch.empty_like(part_dk)
-    _launch_plain(
-        _side_dkdv_kernel, (n_chunks, batch * heads, n_tiles),
-        q, side_k, side_v, do, lse, delta, part_dk, part_dv, block_ids, side_lengths, lut, *strides, heads, length,
-        chunk, cols, MAX_DISTANCE=max_distance, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
-    )
-    d_side_k = part_dk.sum(0).view(batch, heads, cols, dim)[:, :, :num_side].to(side_k.dtype)
-    d_side_v = part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :num_side].to(side_v.dtype)
+    d_side_k, d_side_v = _split_dkdv(q, side_k, side_v, do, lse, delta, lut, side_lengths, block_ids,
+                                     side_k.shape[2], True, max_distance, DENSE_PATTERN)
+    d_side_k, d_side_v = d_side_k.to(side_k.dtype), d_side_v.to(side_v.dtype)
     d_table = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     return dq, d_side_k, d_side_v, d_table

@@ -54,7 +54,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return y.view(*x.shape[:-1], dim)
 
 
-
 @triton.jit
 def _gated_gelu_kernel(A, B, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
