@@ -8,12 +8,20 @@ every interpreter test and still fail to compile for a GPU (an `if` whose branch
 variable different types, say). This tool runs t5core's host code for each attention mode
 (dense, causal, varlen, local, block, decode, the fused kernels) with every launch
 intercepted: instead of running, each launch is compiled to a cubin for the target (Triton
-ships ptxas) with the same arguments, constexprs, warps and stages. It prints one line per
-distinct variant with registers and spilled bytes, and exits 1 if any variant fails.
+ships ptxas) with the same arguments, constexprs, warps and stages, specialised as the
+runtime launcher specialises them (16-byte alignment, divisibility by 16: without those facts
+the software pipeliner leaves every load synchronous and the registers printed are not the
+GPU's). It prints one line per distinct variant with registers, spilled bytes and shared
+memory, and exits 1 if any variant fails.
+
+To check against the Triton of another machine (the GPU box's), put that version's package
+first on the path: `pip install --target /tmp/t36 triton==3.6.0` and
+`PYTHONPATH=/tmp/t36 python tools/compile_check.py`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import traceback
@@ -25,45 +33,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-           torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-           torch.bool: "i1"}
+def _launch_spec(fn: JITFunction, backend, args: tuple, kwargs: dict):
+    """(key, signature, constexprs, attrs, options) of one launch, specialised as a real launch is.
 
+    Triton's launcher specialises each pointer and integer argument (16-byte alignment,
+    divisibility by 16); the software pipeliner needs those facts to turn loads into async
+    copies. The same binder the runtime uses gives them here, so the registers, spills and
+    shared memory printed are those of the kernel the GPU runs.
+    """
+    from triton.runtime.jit import create_function_from_signature
 
-def _signature(fn: JITFunction, args: tuple, kwargs: dict):
-    """(signature, constexprs, options) of one launch, as triton.compile wants them."""
-    sig, constexprs, options = {}, {}, {}
-    values = dict(zip([p.name for p in fn.params], args))
-    for name, value in kwargs.items():
-        if name in ("num_warps", "num_stages"):
-            options[name] = value
-        else:
-            values[name] = value
-    for param in fn.params:
-        value = values.get(param.name, param.default)
-        if param.is_constexpr:
-            sig[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            sig[param.name] = "*" + _DTYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[param.name] = "i1"
-        elif isinstance(value, int):
-            sig[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            sig[param.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
-    return sig, constexprs, options
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    names = [p.name for p in fn.params]
+    consts = sorted((names[path[0]], value) for path, value in constexprs.items() if len(path) == 1)
+    pointers = sorted((name, kind) for name, kind in signature.items() if str(kind).startswith("*"))
+    digest = hashlib.sha1(str(specialization).encode()).hexdigest()[:6]  # alignment specialisations differ too
+    key = (f"{fn.__name__} warps={options.num_warps} stages={options.num_stages} {consts} {pointers} "
+           f"spec={digest}")
+    return key, signature, constexprs, attrs, options
 
 
 class Compiler:
     def __init__(self, arch: int) -> None:
         self.arch = arch
         self.target = GPUTarget("cuda", arch, 64 if arch >= 90 else 32)
+        self.backend = make_backend(self.target)
         self.seen: dict[str, str] = {}
         self.failed = 0
 
@@ -86,14 +85,12 @@ class Compiler:
         return f"regs {regs.group(1) if regs else '?':>3} spill {spills.group(1) if spills else '?':>4}"
 
     def run(self, fn: JITFunction, *args, grid=None, warmup=False, **kwargs):
-        sig, constexprs, options = _signature(fn, args, kwargs)
-        types = sorted((k, v) for k, v in sig.items() if v.startswith("*"))  # pointer dtypes make variants too
-        key = f"{fn.__name__} {sorted(constexprs.items())} {sorted(options.items())} {types}"
+        key, sig, constexprs, attrs, options = _launch_spec(fn, self.backend, args, kwargs)
         if key in self.seen:
             return None
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=self.target,
-                                      options=options)
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                                      target=self.target, options=options.__dict__)
             self.seen[key] = f"ok   {self.resources(compiled.asm['ptx'])} smem {compiled.metadata.shared}"
         except Exception as err:  # noqa: BLE001 - report every failing variant
             self.failed += 1
@@ -167,7 +164,7 @@ def main(argv=None) -> int:
             exercise(dtypes=(torch.bfloat16, torch.float32), head_dims=(64,)) if args.quick else exercise()
             print(f"== sm{arch}: {len(compiler.seen)} variants, {compiler.failed} failed")
             for key, result in sorted(compiler.seen.items()):
-                print(f"{result:40s} {key[:220]}")
+                print(f"{result:40s} {key[:400]}")
             failed += compiler.failed
     finally:
         JITFunction.run = original_run

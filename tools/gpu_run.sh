@@ -4,6 +4,8 @@
 # package folder of the copied tree.
 #   STEPS="tests attention model generate" bash tools/gpu_run.sh     # the default steps
 #   STEPS="sparse_tests sparse_attention encoder_modes" bash tools/gpu_run.sh
+#   AB_OLD=path/to/old_flash.py STEPS=ab bash tools/gpu_run.sh   # default tiles, this flash.py vs that one
+#   STEPS="tune attention tests" bash tools/gpu_run.sh   # tile sweep; the later steps run with its best tiles
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
 # so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
 # compiling kernel variants on the host, so they run in XDIST parallel pytest workers
@@ -15,6 +17,14 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 T5CORE_AUTOTUNE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
+# Parallel pytest workers where pytest-xdist is installed; one process otherwise.
+if python3 -c "import xdist" 2>/dev/null; then PAR="-n ${XDIST:-8}"; else PAR=""; echo "no pytest-xdist: tests run in one process"; fi
+old_tree() {  # /tmp/ab_old: a copy of this tree with $AB_OLD as kernels/flash.py (for A/B steps)
+  rm -rf /tmp/ab_old && mkdir -p /tmp/ab_old/t5core && cp -r kernels weights tools /tmp/ab_old/
+  find t5core -maxdepth 1 -type f -exec cp {} /tmp/ab_old/t5core/ \;
+  cp "$AB_OLD" /tmp/ab_old/kernels/flash.py
+  ln -sfn /tmp/ab_old/kernels /tmp/ab_old/t5core/kernels; ln -sfn /tmp/ab_old/weights /tmp/ab_old/t5core/weights
+}
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s)"
@@ -26,22 +36,31 @@ step() {  # name, seconds, command...
 for s in ${STEPS:-tests attention model generate}; do
   case $s in
     tests) step gpu_tests ${T_TESTS:-240} python3 -m pytest -m gpu tests -q -p no:cacheprovider -rs \
-             -n ${XDIST:-8} --durations=12 --ignore=tests/kernels/test_sparse_gpu.py ;;
+             $PAR --durations=12 --ignore=tests/kernels/test_sparse_gpu.py ;;
     model_tests) step model_gpu_tests ${T_MODEL_TESTS:-120} python3 -m pytest -m gpu tests/test_model_gpu.py \
-             tests/kernels/test_fused_gpu.py -q -p no:cacheprovider -rs -n ${XDIST:-8} --durations=5 ;;
+             tests/kernels/test_fused_gpu.py -q -p no:cacheprovider -rs $PAR --durations=5 ;;
     attention) step bench_attention ${T_ATTENTION:-150} python3 tools/bench_attention.py \
              --flex-max-len 16384 --eager-max-len 16384 --out "$OUT/attention.json" \
-             ${ATTENTION_LENGTHS:+--lengths $ATTENTION_LENGTHS} ;;
+             ${ATTENTION_LENGTHS:+--lengths $ATTENTION_LENGTHS} ${ATTENTION_PEERS:+--peers $ATTENTION_PEERS} ;;
     model) step bench_model ${T_MODEL:-110} python3 tools/bench_model.py --lengths 1024 8192 16384 131072 \
              --peer-max-length 16384 --basic-max-length 16384 --out "$OUT" ;;
     generate) step bench_generate ${T_GENERATE:-150} python3 tools/bench_generate.py \
              --sizes 1x512,1x8192,1x32768,32x512 --budget-s 120 --out "$OUT" ;;
     sparse_tests) step sparse_gpu_tests ${T_SPARSE_TESTS:-300} python3 -m pytest -m gpu \
-             tests/kernels/test_sparse_gpu.py -q -p no:cacheprovider -rs -n ${XDIST:-8} --durations=12 ;;
+             tests/kernels/test_sparse_gpu.py -q -p no:cacheprovider -rs $PAR --durations=12 ;;
     sparse_attention) step bench_sparse_attention ${T_SPARSE_ATTENTION:-360} python3 tools/bench_attention.py \
              --sparse --out "$OUT/sparse-attention.json" ;;
     encoder_modes) step bench_encoder_modes ${T_ENCODER_MODES:-560} python3 tools/bench_model.py \
              --encoder-modes flash,local,block,transient-global --out "$OUT" ;;
+    tune) step sweep_tiles ${T_TUNE:-200} python3 tools/sweep_tiles.py --json "$OUT/sweep.json" --pick "$OUT/tiles.env"
+          if [ -s "$OUT/tiles.env" ]; then source "$OUT/tiles.env"; cat "$OUT/tiles.env" | tee -a "$OUT/env.txt"; fi ;;
+    ab) step sweep_new ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-new.json"
+        if [ -n "${AB_OLD:-}" ]; then old_tree; (cd /tmp/ab_old && PYTHONPATH=/tmp/ab_old step sweep_old ${T_AB:-150} \
+          python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-old.json"); fi ;;
+    profile_attention) step profile_attention ${T_PROFILE:-120} python3 tools/profile_attention.py
+        if [ -n "${AB_OLD:-}" ]; then old_tree; (cd /tmp/ab_old && PYTHONPATH=/tmp/ab_old step profile_attention_old \
+          ${T_PROFILE:-120} python3 tools/profile_attention.py); fi ;;
+    pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -1,10 +1,12 @@
 """Tile sweep for the t5core flash kernels, in one process (one device call).
 
-    python tools/sweep_tiles.py [--lengths 4096,16384] [--json OUT.json]
+    python tools/sweep_tiles.py [--lengths 4096,16384] [--json OUT.json] [--defaults]
 
 Each variant sets T5CORE_* environment knobs (read by kernels/flash.py at every call):
 T5CORE_TILE_{FWD,DQ,DKDV}=BMxBN[xWARPSxSTAGES], T5CORE_NEAR=block|lut. Prints forward and
 forward+backward TFLOP/s (fwd 4BHL^2D, fwd+bwd 2.5x) for bf16, H=12, D=64, B*L=16k.
+--defaults times only the default tiles, with a float32 and a bfloat16 bias table (an A/B of
+two versions of the kernels: run it once per tree).
 """
 import argparse
 import json
@@ -14,26 +16,28 @@ import torch
 import triton
 
 FWD_VARIANTS = [
-    dict(T5CORE_TILE_FWD="128x64x8x3"),
-    dict(T5CORE_TILE_FWD="128x64x4x3"),
     dict(T5CORE_TILE_FWD="64x64x4x3"),
+    dict(T5CORE_TILE_FWD="64x64x4x4"),
+    dict(T5CORE_TILE_FWD="64x128x4x3"),
+    dict(T5CORE_TILE_FWD="128x64x8x3"),
+    dict(T5CORE_TILE_FWD="128x64x8x2"),
     dict(T5CORE_TILE_FWD="128x128x8x2"),
-    dict(T5CORE_TILE_FWD="128x32x4x3"),
-    dict(T5CORE_TILE_FWD="128x64x8x3", T5CORE_NEAR="lut"),
-    dict(T5CORE_TILE_FWD="64x64x4x3", T5CORE_NEAR="lut"),
-    dict(T5CORE_TILE_FWD="128x64x8x3", buckets="4/2"),  # almost no near tiles: the far-loop speed
-    dict(T5CORE_TILE_FWD="128x64x8x3", buckets="none"),  # no bias at all
+    dict(T5CORE_TILE_FWD="128x64x4x3"),
+    dict(T5CORE_TILE_FWD="128x64x8x3", buckets="none"),  # no bias at all: the base kernel's speed
 ]
-BWD_VARIANTS = [
-    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
+BWD_VARIANTS = [  # one kernel's tile varied at a time, the other at its default
     dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
-    dict(T5CORE_TILE_DQ="128x64x8x2", T5CORE_TILE_DKDV="64x128x8x2"),
-    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="64x64x4x3"),
-    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x64x4x3"),
-    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3", T5CORE_NEAR="lut"),
-    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3", buckets="4/2"),
-    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3", buckets="none"),
+    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="128x64x8x2", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="128x32x8x3", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="64x128x8x3"),
+    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="64x128x8x2"),
+    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="32x64x4x3"),
+    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="64x64x4x3"),
 ]
+
+
+DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(buckets="none")]
 
 
 def run(variant, L, mode, H=12, D=64, tokens=16384):
@@ -50,7 +54,8 @@ def run(variant, L, mode, H=12, D=64, tokens=16384):
         nb, md = (int(x) for x in buckets.split("/"))
     grad = mode == "fwd_bwd"
     q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
-    table = None if buckets == "none" else torch.randn(nb, H, device="cuda", requires_grad=grad)
+    table_dtype = getattr(torch, variant.get("table", "float32"))
+    table = None if buckets == "none" else torch.randn(nb, H, device="cuda", dtype=table_dtype, requires_grad=grad)
     fn = lambda: flash_attention(q, k, v, table, num_buckets=nb, max_distance=md)  # noqa: E731
     if grad:
         dout = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
@@ -63,14 +68,40 @@ def run(variant, L, mode, H=12, D=64, tokens=16384):
     return flops / ms / 1e9
 
 
+def _score(row) -> float:
+    try:
+        return sum(float(x) for x in row["tflops"])
+    except ValueError:  # a variant that failed
+        return -1.0
+
+
+def pick(rows) -> str:
+    """Shell exports of the fastest forward variant and of the fastest dq and dk/dv tiles
+    (each chosen among the rows that vary it), with the bias on."""
+    biased = [r for r in rows if "buckets" not in r["variant"] and "table" not in r["variant"]]
+    fwd = max((r for r in biased if r["mode"] == "fwd"), key=_score)
+    bwd = [r for r in biased if r["mode"] == "fwd_bwd"]
+    default_dq, default_dkdv = bwd[0]["variant"]["T5CORE_TILE_DQ"], bwd[0]["variant"]["T5CORE_TILE_DKDV"]
+    dq = max((r for r in bwd if r["variant"]["T5CORE_TILE_DKDV"] == default_dkdv), key=_score)
+    dkdv = max((r for r in bwd if r["variant"]["T5CORE_TILE_DQ"] == default_dq), key=_score)
+    return (f"export T5CORE_TILE_FWD={fwd['variant']['T5CORE_TILE_FWD']}\n"
+            f"export T5CORE_TILE_DQ={dq['variant']['T5CORE_TILE_DQ']}\n"
+            f"export T5CORE_TILE_DKDV={dkdv['variant']['T5CORE_TILE_DKDV']}\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,16384")
     p.add_argument("--json", default=None)
+    p.add_argument("--defaults", action="store_true", help="default tiles only, float32 and bfloat16 tables")
+    p.add_argument("--pick", default=None, help="write the best forward tile and the best dq and dk/dv tiles "
+                   "(by the sum of TFLOP/s over the lengths) to this file as shell exports")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
-    for mode, variants in (("fwd", FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS)):
+    plan = ((("fwd", DEFAULT_VARIANTS), ("fwd_bwd", DEFAULT_VARIANTS)) if args.defaults
+            else (("fwd", FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS)))
+    for mode, variants in plan:
         for variant in variants:
             cells = []
             for L in lengths:
@@ -80,6 +111,9 @@ def main():
                     cells.append(f"ERR {type(err).__name__}")
             rows.append(dict(mode=mode, variant=variant, tflops=cells))
             print(mode, " ".join(cells), variant, flush=True)
+    if args.pick:
+        with open(args.pick, "w") as f:
+            f.write(pick(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(lengths=lengths, rows=rows, gpu=torch.cuda.get_device_name()), f, indent=1)

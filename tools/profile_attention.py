@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Where an attention call's time goes: CUDA kernel times of t5core flash, with and without bias.
+
+    python tools/profile_attention.py [--lengths 4096] [--steps 20]
+
+bf16, 12 heads, head dim 64, batch x length = 16k tokens (as bench_attention.py). For each
+length, forward and forward+backward with the T5 bias and without: the kernels by total CUDA
+time per call (torch.profiler), so the cost of the bias shows kernel by kernel (near tiles in
+the main kernels, the bias-block and table-gradient kernels around them). A diagnosis tool:
+the benchmark is bench_attention.py.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def kernel_table(prof, steps: int, title: str) -> None:
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"\n== {title}: {total / 1e3 / steps:.3f} ms GPU per call")
+    for e in events:
+        print(f"{e.self_device_time_total / 1e3 / steps:9.4f} ms {e.count / steps:5.1f}x  {e.key[:100]}")
+
+
+def main() -> int:
+    from t5core.kernels import flash_attention
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="4096")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=16384)
+    args = p.parse_args()
+    H, D = 12, 64
+    for L in (int(x) for x in args.lengths.split(",")):
+        B = max(1, args.tokens // L)
+        for with_bias in (True, False):
+            for backward in (False, True):
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                           for _ in range(3))
+                table = torch.randn(32, H, device="cuda", requires_grad=backward) if with_bias else None
+                dout = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+
+                def call():
+                    out = flash_attention(q, k, v, table)
+                    if backward:
+                        out.backward(dout)
+
+                for _ in range(3):  # compile and warm up
+                    call()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(args.steps):
+                        call()
+                    torch.cuda.synchronize()
+                kernel_table(prof, args.steps, f"L={L} B={B} {'bias' if with_bias else 'no bias'} "
+                             f"{'fwd+bwd' if backward else 'fwd'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
