@@ -4,7 +4,9 @@
 # package folder of the copied tree.
 #   STEPS="tests attention model generate" bash tools/gpu_run.sh     # the default steps
 #   STEPS="sparse_tests sparse_attention encoder_modes" bash tools/gpu_run.sh
-#   AB_OLD=path/to/old_flash.py STEPS=ab bash tools/gpu_run.sh   # default tiles, this flash.py vs that one
+#   AB_FILES="gather=ab/gather.py mma=ab/mma.py" STEPS="ab profile_attention" bash tools/gpu_run.sh
+#     # this tree's kernels against candidate kernels/flash.py files, each in a copy of the tree;
+#     # tools/ab_files.sh BRANCH... writes them under ab/ (git-ignored: carry "ab" in the device call)
 #   STEPS="tune attention tests" bash tools/gpu_run.sh   # tile sweep; the later steps run with its best tiles
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
 # so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
@@ -19,11 +21,12 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
 # Parallel pytest workers where pytest-xdist is installed; one process otherwise.
 if python3 -c "import xdist" 2>/dev/null; then PAR="-n ${XDIST:-8}"; else PAR=""; echo "no pytest-xdist: tests run in one process"; fi
-old_tree() {  # /tmp/ab_old: a copy of this tree with $AB_OLD as kernels/flash.py (for A/B steps)
-  rm -rf /tmp/ab_old && mkdir -p /tmp/ab_old/t5core && cp -r kernels weights tools /tmp/ab_old/
-  find t5core -maxdepth 1 -type f -exec cp {} /tmp/ab_old/t5core/ \;
-  cp "$AB_OLD" /tmp/ab_old/kernels/flash.py
-  ln -sfn /tmp/ab_old/kernels /tmp/ab_old/t5core/kernels; ln -sfn /tmp/ab_old/weights /tmp/ab_old/t5core/weights
+variant_tree() {  # /tmp/ab_$1: a copy of this tree with $2 as kernels/flash.py (for A/B steps)
+  local dir=/tmp/ab_$1
+  rm -rf "$dir" && mkdir -p "$dir/t5core" && cp -r kernels weights tools "$dir/"
+  find t5core -maxdepth 1 -type f -exec cp {} "$dir/t5core/" \;
+  cp "$2" "$dir/kernels/flash.py"
+  ln -sfn "$dir/kernels" "$dir/t5core/kernels"; ln -sfn "$dir/weights" "$dir/t5core/weights"
 }
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -54,12 +57,18 @@ for s in ${STEPS:-tests attention model generate}; do
              --encoder-modes flash,local,block,transient-global --out "$OUT" ;;
     tune) step sweep_tiles ${T_TUNE:-200} python3 tools/sweep_tiles.py --json "$OUT/sweep.json" --pick "$OUT/tiles.env"
           if [ -s "$OUT/tiles.env" ]; then source "$OUT/tiles.env"; cat "$OUT/tiles.env" | tee -a "$OUT/env.txt"; fi ;;
-    ab) step sweep_new ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-new.json"
-        if [ -n "${AB_OLD:-}" ]; then old_tree; (cd /tmp/ab_old && PYTHONPATH=/tmp/ab_old step sweep_old ${T_AB:-150} \
-          python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-old.json"); fi ;;
-    profile_attention) step profile_attention ${T_PROFILE:-120} python3 tools/profile_attention.py
-        if [ -n "${AB_OLD:-}" ]; then old_tree; (cd /tmp/ab_old && PYTHONPATH=/tmp/ab_old step profile_attention_old \
-          ${T_PROFILE:-120} python3 tools/profile_attention.py); fi ;;
+    ab) step sweep_this ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-this.json"
+        for spec in ${AB_FILES:-}; do  # the same sweep with each candidate kernels/flash.py
+          name=${spec%%=*}; variant_tree "$name" "${spec#*=}"
+          (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "sweep_$name" ${T_AB:-150} python3 tools/sweep_tiles.py \
+            --defaults --json "$OUT/sweep-$name.json")
+        done ;;
+    profile_attention) step profile_attention ${T_PROFILE:-120} python3 tools/profile_attention.py ${PROFILE_ARGS:-}
+        for spec in ${AB_FILES:-}; do
+          name=${spec%%=*}; variant_tree "$name" "${spec#*=}"
+          (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "profile_$name" ${T_PROFILE:-120} \
+            python3 tools/profile_attention.py ${PROFILE_ARGS:-})
+        done ;;
     pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;
     *) echo "unknown step $s" ;;
   esac

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where an attention call's time goes: CUDA kernel times of t5core flash, with and without bias.
 
-    python tools/profile_attention.py [--lengths 4096] [--steps 20]
+    python tools/profile_attention.py [--lengths 4096] [--steps 20] [--table-dtype bfloat16]
 
 bf16, 12 heads, head dim 64, batch x length = 16k tokens (as bench_attention.py). For each
 length, forward and forward+backward with the T5 bias and without: the kernels by total CUDA
@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--lengths", default="4096")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--table-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the bias table's dtype (a bf16 model's is bf16)")
     args = p.parse_args()
     H, D = 12, 64
     for L in (int(x) for x in args.lengths.split(",")):
@@ -42,7 +44,8 @@ def main() -> int:
                 torch.manual_seed(0)
                 q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
                            for _ in range(3))
-                table = torch.randn(32, H, device="cuda", requires_grad=backward) if with_bias else None
+                table = (torch.randn(32, H, device="cuda", dtype=getattr(torch, args.table_dtype),
+                                     requires_grad=backward) if with_bias else None)
                 dout = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
 
                 def call():
@@ -57,7 +60,7 @@ def main() -> int:
                     for _ in range(args.steps):
                         call()
                     torch.cuda.synchronize()
-                kernel_table(prof, args.steps, f"L={L} B={B} {'bias' if with_bias else 'no bias'} "
+                kernel_table(prof, args.steps, f"L={L} B={B} {args.table_dtype + ' bias' if with_bias else 'no bias'} "
                              f"{'fwd+bwd' if backward else 'fwd'}")
     return 0
 

@@ -5,8 +5,8 @@
 Each variant sets T5CORE_* environment knobs (read by kernels/flash.py at every call):
 T5CORE_TILE_{FWD,DQ,DKDV}=BMxBN[xWARPSxSTAGES], T5CORE_NEAR=block|lut. Prints forward and
 forward+backward TFLOP/s (fwd 4BHL^2D, fwd+bwd 2.5x) for bf16, H=12, D=64, B*L=16k.
---defaults times only the default tiles, with a float32 and a bfloat16 bias table (an A/B of
-two versions of the kernels: run it once per tree).
+--defaults times the default tiles with a float32 and a bfloat16 bias table, one larger
+forward tile, and no bias (an A/B of versions of the kernels: run it once per tree).
 """
 import argparse
 import json
@@ -37,7 +37,8 @@ BWD_VARIANTS = [  # one kernel's tile varied at a time, the other at its default
 ]
 
 
-DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(buckets="none")]
+DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(T5CORE_TILE_FWD="128x64x8x3", table="bfloat16"),
+                    dict(buckets="none")]
 
 
 def run(variant, L, mode, H=12, D=64, tokens=16384):
