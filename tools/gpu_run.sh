@@ -69,6 +69,7 @@ for s in ${STEPS:-tests attention model generate}; do
           (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "profile_$name" ${T_PROFILE:-120} \
             python3 tools/profile_attention.py ${PROFILE_ARGS:-})
         done ;;
+    profile_model) step profile_model ${T_PROFILE_MODEL:-150} python3 tools/profile_model.py ${PROFILE_MODEL_ARGS:-} ;;
     pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;
     *) echo "unknown step $s" ;;
   esac

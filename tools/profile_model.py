@@ -3,7 +3,8 @@
 
     python tools/profile_model.py [--length 8192] [--batch 2] [--out DIR]
 
-Random weights (normal, std 0.05; no transformers needed), bf16, inference mode. Prints the
+--attention picks the mode and --encoder-only profiles `model.encode` alone (the sparse
+modes are encoder modes). Random weights (normal, std 0.05; no transformers needed), bf16, inference mode. Prints the
 top kernels by total CUDA time (torch.profiler) for (1) one teacher-forced forward (encoder
 over batch x length tokens + 128 decoder tokens) and (2) ten greedy decode steps replayed as
 a CUDA graph at batch 1 over a --decode-length-token input, with kernels per step and GPU
@@ -84,28 +85,37 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=22)
     p.add_argument("--splits", action="store_true", help="time the decode kernel per split count first")
     p.add_argument("--host", action="store_true", help="also profile the host side (cProfile) of one forward")
+    p.add_argument("--attention", default="flash", choices=["flash", "local", "block", "transient-global"])
+    p.add_argument("--encoder-only", action="store_true",
+                   help="profile model.encode alone (the sparse modes are encoder modes) and skip generation")
     args = p.parse_args()
     if args.splits:
         splits_sweep(args.decode_length)
-    model = build("flash")
+    model = build(args.attention)
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(3, 32000, (args.batch, args.length), device="cuda", generator=g)
     mask = torch.ones_like(ids)
     dec = torch.randint(3, 32000, (args.batch, 128), device="cuda", generator=g)
+    def forward():
+        return model.encode(ids, mask) if args.encoder_only else model(ids, mask, decoder_input_ids=dec)
+
+    what = f"{'encoder' if args.encoder_only else 'forward'} {args.batch}x{args.length} ({args.attention})"
     with torch.inference_mode():
         for _ in range(2):
-            model(ids, mask, decoder_input_ids=dec)
+            forward()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        model(ids, mask, decoder_input_ids=dec)
+        forward()
         torch.cuda.synchronize()
-        print(f"forward {args.batch}x{args.length}: wall {1e3 * (time.perf_counter() - t):.1f} ms")
+        print(f"{what}: wall {1e3 * (time.perf_counter() - t):.1f} ms")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(ids, mask, decoder_input_ids=dec)
+            forward()
             torch.cuda.synchronize()
-        table(prof, args.rows, f"forward {args.batch}x{args.length}")
+        table(prof, args.rows, what)
         if args.host:
-            host_profile(lambda: model(ids, mask, decoder_input_ids=dec), args.rows)
+            host_profile(forward, args.rows)
+        if args.encoder_only:
+            return
 
         ids = torch.randint(3, 32000, (1, args.decode_length), device="cuda", generator=g)
         model.generate(ids, max_new_tokens=40, eos_token_id=-1)  # compiles, captures
