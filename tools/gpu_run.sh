@@ -23,7 +23,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 if python3 -c "import xdist" 2>/dev/null; then PAR="-n ${XDIST:-8}"; else PAR=""; echo "no pytest-xdist: tests run in one process"; fi
 variant_tree() {  # /tmp/ab_$1: a copy of this tree with $2 as kernels/flash.py (for A/B steps)
   local dir=/tmp/ab_$1
-  rm -rf "$dir" && mkdir -p "$dir/t5core" && cp -r kernels weights tools "$dir/"
+  rm -rf "$dir" && mkdir -p "$dir/t5core" && cp -r kernels weights tools tests pyproject.toml "$dir/"
   find t5core -maxdepth 1 -type f -exec cp {} "$dir/t5core/" \;
   cp "$2" "$dir/kernels/flash.py"
   ln -sfn "$dir/kernels" "$dir/t5core/kernels"; ln -sfn "$dir/weights" "$dir/t5core/weights"
@@ -57,6 +57,8 @@ for s in ${STEPS:-tests attention model generate}; do
              --encoder-modes flash,local,block,transient-global --out "$OUT" ;;
     tune) step sweep_tiles ${T_TUNE:-200} python3 tools/sweep_tiles.py --json "$OUT/sweep.json" --pick "$OUT/tiles.env"
           if [ -s "$OUT/tiles.env" ]; then source "$OUT/tiles.env"; cat "$OUT/tiles.env" | tee -a "$OUT/env.txt"; fi ;;
+    tune_sparse) for pattern in local block; do step "sweep_$pattern" ${T_TUNE:-200} python3 tools/sweep_tiles.py \
+                   --pattern $pattern --lengths 131072 --json "$OUT/sweep-$pattern.json"; done ;;
     ab) step sweep_this ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-this.json"
         for spec in ${AB_FILES:-}; do  # the same sweep with each candidate kernels/flash.py
           name=${spec%%=*}; variant_tree "$name" "${spec#*=}"
@@ -70,6 +72,11 @@ for s in ${STEPS:-tests attention model generate}; do
             python3 tools/profile_attention.py ${PROFILE_ARGS:-})
         done ;;
     profile_model) step profile_model ${T_PROFILE_MODEL:-150} python3 tools/profile_model.py ${PROFILE_MODEL_ARGS:-} ;;
+    ab_pytest) for spec in ${AB_FILES:-}; do  # the GPU tests (PYTEST_ARGS) on each candidate's tree
+                 name=${spec%%=*}; variant_tree "$name" "${spec#*=}"
+                 (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "pytest_$name" ${T_PYTEST:-200} python3 -m pytest \
+                   -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests})
+               done ;;
     pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;
     *) echo "unknown step $s" ;;
   esac

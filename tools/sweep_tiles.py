@@ -7,6 +7,9 @@ T5CORE_TILE_{FWD,DQ,DKDV}=BMxBN[xWARPSxSTAGES], T5CORE_NEAR=block|lut. Prints fo
 forward+backward TFLOP/s (fwd 4BHL^2D, fwd+bwd 2.5x) for bf16, H=12, D=64, B*L=16k.
 --defaults times the default tiles with a float32 and a bfloat16 bias table, one larger
 forward tile, and no bias (an A/B of versions of the kernels: run it once per tree).
+--pattern local|block sweeps the sparse patterns instead (radius 127; blocks of 512 with 16
+global tokens), batch 1, reporting TFLOP/s of the visible scores only (4·H·visible·D per
+forward), so the figures compare with dense ones as throughput per visible score.
 """
 import argparse
 import json
@@ -37,18 +40,26 @@ BWD_VARIANTS = [  # one kernel's tile varied at a time, the other at its default
 ]
 
 
+SPARSE_FWD_VARIANTS = FWD_VARIANTS + [  # a 64-row local tile computes 320 key columns for 255 visible
+    dict(T5CORE_TILE_FWD="32x64x4x3"),
+    dict(T5CORE_TILE_FWD="32x64x2x3"),
+    dict(T5CORE_TILE_FWD="64x32x4x3"),
+]
 DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(T5CORE_TILE_FWD="128x64x8x3", table="bfloat16"),
                     dict(buckets="none")]
 
 
-def run(variant, L, mode, H=12, D=64, tokens=16384):
-    from t5core.kernels import flash_attention
+SPARSE_PARAMS = {"local": dict(local_radius=127), "block": dict(block_size=512, num_global=16)}
+
+
+def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
+    from t5core.kernels import flash_attention, sparse_attention
 
     knobs = {k: v for k, v in variant.items() if k.startswith("T5CORE")}
     for k in ("T5CORE_TILE_FWD", "T5CORE_TILE_DQ", "T5CORE_TILE_DKDV", "T5CORE_NEAR"):
         os.environ.pop(k, None)
     os.environ.update(knobs)
-    B = max(1, tokens // L)
+    B = max(1, tokens // L) if pattern == "dense" else 1
     nb, md = (32, 128)
     buckets = variant.get("buckets")
     if buckets and buckets != "none":
@@ -57,7 +68,11 @@ def run(variant, L, mode, H=12, D=64, tokens=16384):
     q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
     table_dtype = getattr(torch, variant.get("table", "float32"))
     table = None if buckets == "none" else torch.randn(nb, H, device="cuda", dtype=table_dtype, requires_grad=grad)
-    fn = lambda: flash_attention(q, k, v, table, num_buckets=nb, max_distance=md)  # noqa: E731
+    if pattern == "dense":
+        fn = lambda: flash_attention(q, k, v, table, num_buckets=nb, max_distance=md)  # noqa: E731
+    else:
+        fn = lambda: sparse_attention(q, k, v, table, pattern=pattern, num_buckets=nb,  # noqa: E731
+                                      max_distance=md, **SPARSE_PARAMS[pattern])
     if grad:
         dout = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
         step = lambda: fn().backward(dout)  # noqa: E731
@@ -65,7 +80,13 @@ def run(variant, L, mode, H=12, D=64, tokens=16384):
         step = fn
     step()
     ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-    flops = 4 * B * H * L * L * D * (2.5 if grad else 1.0)
+    scores = L * L
+    if pattern != "dense":
+        from bench_attention import visible_scores  # tools/ is on the path when run as a script
+
+        params = dict(radius=127, block_size=512, num_global=16)
+        scores = visible_scores(pattern, L, params["radius"], params["block_size"], params["num_global"])
+    flops = 4 * B * H * scores * D * (2.5 if grad else 1.0)
     return flops / ms / 1e9
 
 
@@ -95,19 +116,20 @@ def main():
     p.add_argument("--lengths", default="4096,16384")
     p.add_argument("--json", default=None)
     p.add_argument("--defaults", action="store_true", help="default tiles only, float32 and bfloat16 tables")
+    p.add_argument("--pattern", default="dense", choices=["dense", "local", "block"])
     p.add_argument("--pick", default=None, help="write the best forward tile and the best dq and dk/dv tiles "
                    "(by the sum of TFLOP/s over the lengths) to this file as shell exports")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
     plan = ((("fwd", DEFAULT_VARIANTS), ("fwd_bwd", DEFAULT_VARIANTS)) if args.defaults
-            else (("fwd", FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS)))
+            else (("fwd", FWD_VARIANTS if args.pattern == "dense" else SPARSE_FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS)))
     for mode, variants in plan:
         for variant in variants:
             cells = []
             for L in lengths:
                 try:
-                    cells.append(f"{run(variant, L, mode):7.1f}")
+                    cells.append(f"{run(variant, L, mode, pattern=args.pattern):7.1f}")
                 except Exception as err:  # a tile that does not compile must not stop the sweep
                     cells.append(f"ERR {type(err).__name__}")
             rows.append(dict(mode=mode, variant=variant, tflops=cells))
@@ -117,7 +139,8 @@ def main():
             f.write(pick(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(lengths=lengths, rows=rows, gpu=torch.cuda.get_device_name()), f, indent=1)
+            json.dump(dict(lengths=lengths, pattern=args.pattern, rows=rows, gpu=torch.cuda.get_device_name()), f,
+                      indent=1)
 
 
 if __name__ == "__main__":
