@@ -1,14 +1,19 @@
 #!/bin/bash
-# Candidate kernels for the A/B steps of tools/gpu_run.sh: writes each branch's kernels/flash.py
-# to ab/<branch name>.py (ignored by git; pass "ab" in the device call's carry) and prints the
-# AB_FILES value that names them.
-#   bash tools/ab_files.sh exp/dq-gather-segments exp/near-bias-mma
+# Candidate kernels for the A/B steps of tools/gpu_run.sh: writes each candidate's kernels/flash.py
+# to ab/<name>.py (ignored by git; pass "ab" in the device call's carry) and prints the AB_FILES
+# value that names them. A candidate is a branch or a patch of kernels/flash.py against this tree.
+#   bash tools/ab_files.sh exp/dq-gather-segments bench/candidates/near-bias-mma.patch
 set -eu
 mkdir -p ab
 spec=""
-for branch in "$@"; do
-  name=$(basename "$branch")
-  git show "$branch:kernels/flash.py" > "ab/$name.py"
+for candidate in "$@"; do
+  case $candidate in *-tests.patch) continue ;; esac  # a candidate's test changes, not kernels
+  name=$(basename "$candidate" .patch)
+  if [ -f "$candidate" ]; then
+    patch --quiet -o "ab/$name.py" kernels/flash.py "$candidate"
+  else
+    git show "$candidate:kernels/flash.py" > "ab/$name.py"
+  fi
   spec="$spec $name=ab/$name.py"
 done
 echo "AB_FILES=\"${spec# }\""
