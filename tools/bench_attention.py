@@ -150,10 +150,8 @@ def make_peer(name, q, k, v, table, causal, L, num_buckets=32, max_distance=128)
     raise ValueError(name)
 
 
-def measure(fn, mode, q):
-    import triton
-
-    grad = None
+def measure(fn, mode, leaves):
+    """(median ms, peak extra bytes) of fn (forward) or fn().backward (fwd_bwd)."""
     if mode == "fwd_bwd":
         out = fn()
         grad = torch.randn_like(out)
@@ -165,16 +163,7 @@ def measure(fn, mode, q):
         def run():
             with torch.no_grad():
                 fn()
-    run()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    return ms, peak
+    return time_and_peak(run, long_run=False, leaves=leaves if mode == "fwd_bwd" else None)
 
 
 def visible_scores(mode, L, radius, block_size, num_global, global_block_size=16):
@@ -197,19 +186,23 @@ def visible_scores(mode, L, radius, block_size, num_global, global_block_size=16
     raise ValueError(mode)
 
 
-def time_and_peak(run, long_run):
+def time_and_peak(run, long_run, leaves=None):
     """(median ms, peak extra bytes). Short runs: do_bench after one untimed call, then one call
     for the peak. Runs of seconds (dense at 1M tokens): one call timed with CUDA events, which
-    also gives the peak; the kernels were compiled at the shorter lengths before."""
+    also gives the peak; the kernels were compiled at the shorter lengths before. The leaves'
+    .grad is reset before every call, so a backward is not charged for accumulating into .grad
+    (attention inside a model does not)."""
     import triton
 
     if not long_run:
         run()  # compile / first call outside the timing
         torch.cuda.synchronize()
-        ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median", grad_to_none=leaves)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
+    for leaf in leaves or ():
+        leaf.grad = None
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     run()
@@ -266,7 +259,9 @@ def sparse_main(args):
                         else:
                             with torch.no_grad():
                                 fn()
-                    ms, peak = time_and_peak(run, long_run=scores * H > 2e11)  # dense beyond 128k
+                    leaves = [q, k, v, table] + ([side_k, side_v, global_table] if mode == "transient-global" else [])
+                    ms, peak = time_and_peak(run, long_run=scores * H > 2e11,  # dense beyond 128k
+                                             leaves=leaves if need_grad else None)
                     row.update(status="ok", ms=ms, peak_extra_mb=peak / 2**20,
                                gscores_per_s=scores * H / ms / 1e6)  # visible scores (all heads) per second / 1e9
                 except torch.cuda.OutOfMemoryError:
@@ -368,7 +363,7 @@ def main():
                         table = (torch.randn(32, H, device="cuda") * 3).to(getattr(torch, args.table_dtype))
                         table.requires_grad_(need_grad)
                         fn = make_peer(name, q, k, v, table, args.causal, L, args.num_buckets, args.max_distance)
-                        ms, peak = measure(fn, mode, q)
+                        ms, peak = measure(fn, mode, [q, k, v, table])
                         row.update(status="ok", ms=ms, tflops=flops / ms / 1e9, peak_extra_mb=peak / 2**20)
                     except torch.cuda.OutOfMemoryError:
                         row["status"] = "OOM"

@@ -79,7 +79,8 @@ def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
     else:
         step = fn
     step()
-    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median",  # .grad not accumulated
+                                 grad_to_none=[q, k, v] + ([table] if table is not None else []) if grad else None)
     scores = L * L
     if pattern != "dense":
         from bench_attention import visible_scores  # tools/ is on the path when run as a script
