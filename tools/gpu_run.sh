@@ -6,7 +6,7 @@
 #   STEPS="sparse_tests sparse_attention encoder_modes" bash tools/gpu_run.sh
 #   AB_FILES="gather=ab/gather.py mma=ab/mma.py" STEPS="ab profile_attention" bash tools/gpu_run.sh
 #     # this tree's kernels against candidate kernels/flash.py files, each in a copy of the tree;
-#     # tools/ab_files.sh BRANCH... writes them under ab/ (git-ignored: carry "ab" in the device call)
+#     # tools/ab_files.sh CANDIDATE... writes them under ab/ (git-ignored: carry "ab" in the device call)
 #   STEPS="tune attention tests" bash tools/gpu_run.sh   # tile sweep; the later steps run with its best tiles
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
 # so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
@@ -27,6 +27,13 @@ variant_tree() {  # /tmp/ab_$1: a copy of this tree with $2 as kernels/flash.py 
   find t5core -maxdepth 1 -type f -exec cp {} "$dir/t5core/" \;
   cp "$2" "$dir/kernels/flash.py"
   ln -sfn "$dir/kernels" "$dir/t5core/kernels"; ln -sfn "$dir/weights" "$dir/t5core/weights"
+}
+in_candidates() {  # prefix, seconds, command...: a step in each AB_FILES candidate's tree (NAME -> its name)
+  local prefix=$1 limit=$2 spec name; shift 2
+  for spec in ${AB_FILES:-}; do
+    name=${spec%%=*}; variant_tree "$name" "${spec#*=}"
+    (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "${prefix}_$name" "$limit" "${@//NAME/$name}")
+  done
 }
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -60,23 +67,12 @@ for s in ${STEPS:-tests attention model generate}; do
     tune_sparse) for pattern in local block; do step "sweep_$pattern" ${T_TUNE:-200} python3 tools/sweep_tiles.py \
                    --pattern $pattern --lengths 131072 --json "$OUT/sweep-$pattern.json"; done ;;
     ab) step sweep_this ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-this.json"
-        for spec in ${AB_FILES:-}; do  # the same sweep with each candidate kernels/flash.py
-          name=${spec%%=*}; variant_tree "$name" "${spec#*=}"
-          (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "sweep_$name" ${T_AB:-150} python3 tools/sweep_tiles.py \
-            --defaults --json "$OUT/sweep-$name.json")
-        done ;;
+        in_candidates sweep ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-NAME.json" ;;
     profile_attention) step profile_attention ${T_PROFILE:-120} python3 tools/profile_attention.py ${PROFILE_ARGS:-}
-        for spec in ${AB_FILES:-}; do
-          name=${spec%%=*}; variant_tree "$name" "${spec#*=}"
-          (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "profile_$name" ${T_PROFILE:-120} \
-            python3 tools/profile_attention.py ${PROFILE_ARGS:-})
-        done ;;
+        in_candidates profile ${T_PROFILE:-120} python3 tools/profile_attention.py ${PROFILE_ARGS:-} ;;
     profile_model) step profile_model ${T_PROFILE_MODEL:-150} python3 tools/profile_model.py ${PROFILE_MODEL_ARGS:-} ;;
-    ab_pytest) for spec in ${AB_FILES:-}; do  # the GPU tests (PYTEST_ARGS) on each candidate's tree
-                 name=${spec%%=*}; variant_tree "$name" "${spec#*=}"
-                 (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "pytest_$name" ${T_PYTEST:-200} python3 -m pytest \
-                   -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests})
-               done ;;
+    ab_pytest) in_candidates pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR \
+                 ${PYTEST_ARGS:-tests} ;;
     pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;
     *) echo "unknown step $s" ;;
   esac
