@@ -2,12 +2,14 @@
 """Where an attention call's time goes: CUDA kernel times of t5core flash, with and without bias.
 
     python tools/profile_attention.py [--lengths 4096] [--steps 20] [--table-dtype bfloat16]
+    python tools/profile_attention.py --pattern local --lengths 131072
 
 bf16, 12 heads, head dim 64, batch x length = 16k tokens (as bench_attention.py). For each
 length, forward and forward+backward with the T5 bias and without: the kernels by total CUDA
 time per call (torch.profiler), so the cost of the bias shows kernel by kernel (near tiles in
-the main kernels, the bias-block and table-gradient kernels around them). A diagnosis tool:
-the benchmark is bench_attention.py.
+the main kernels, the bias-block and table-gradient kernels around them). --pattern local or
+block profiles the sparse patterns (radius 127; blocks of 512 with 16 global tokens), batch 1.
+A diagnosis tool: the benchmark is bench_attention.py.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def kernel_table(prof, steps: int, title: str) -> None:
 
 
 def main() -> int:
-    from t5core.kernels import flash_attention
+    from t5core.kernels import flash_attention, sparse_attention
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096")
@@ -35,10 +37,12 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--table-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the bias table's dtype (a bf16 model's is bf16)")
+    p.add_argument("--pattern", default="dense", choices=["dense", "local", "block"])
     args = p.parse_args()
+    params = {"local": dict(local_radius=127), "block": dict(block_size=512, num_global=16)}
     H, D = 12, 64
     for L in (int(x) for x in args.lengths.split(",")):
-        B = max(1, args.tokens // L)
+        B = max(1, args.tokens // L) if args.pattern == "dense" else 1
         for with_bias in (True, False):
             for backward in (False, True):
                 torch.manual_seed(0)
@@ -52,7 +56,10 @@ def main() -> int:
                     for leaf in (q, k, v, table):  # no accumulation into .grad (as inside a model)
                         if leaf is not None:
                             leaf.grad = None
-                    out = flash_attention(q, k, v, table)
+                    if args.pattern == "dense":
+                        out = flash_attention(q, k, v, table)
+                    else:
+                        out = sparse_attention(q, k, v, table, pattern=args.pattern, **params[args.pattern])
                     if backward:
                         out.backward(dout)
 
@@ -63,7 +70,8 @@ def main() -> int:
                     for _ in range(args.steps):
                         call()
                     torch.cuda.synchronize()
-                kernel_table(prof, args.steps, f"L={L} B={B} {args.table_dtype + ' bias' if with_bias else 'no bias'} "
+                kernel_table(prof, args.steps, f"{args.pattern} L={L} B={B} "
+                             f"{args.table_dtype + ' bias' if with_bias else 'no bias'} "
                              f"{'fwd+bwd' if backward else 'fwd'}")
     return 0
 
