@@ -35,6 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_PEERS = ["t5core", "t5core_nobias", "sdpa", "sdpa_bias", "flex_bucket", "flex_bias", "hf_eager"]
 
 
+# The sparse patterns' parameters of every sparse benchmark and profile (sweep_tiles.py and
+# profile_attention.py import them): LongT5's local radius, blocks of 512 with 16 global tokens.
+SPARSE_PARAMS = {"local": dict(local_radius=127), "block": dict(block_size=512, num_global=16)}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,4096,16384,32768,131072", help="comma-separated sequence lengths")
@@ -60,9 +65,9 @@ def parse_args():
                    help="--sparse: skip dense above this length (dense at 1M takes minutes); per-score ratios "
                    "beyond it use dense at this length, whose throughput is flat by then")
     p.add_argument("--global-block-size", type=int, default=16, help="transient-global: tokens per side key")
-    p.add_argument("--local-radius", type=int, default=127)
-    p.add_argument("--block-size", type=int, default=512)
-    p.add_argument("--num-global", type=int, default=16)
+    p.add_argument("--local-radius", type=int, default=SPARSE_PARAMS["local"]["local_radius"])
+    p.add_argument("--block-size", type=int, default=SPARSE_PARAMS["block"]["block_size"])
+    p.add_argument("--num-global", type=int, default=SPARSE_PARAMS["block"]["num_global"])
     return p.parse_args()
 
 

@@ -16,16 +16,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_attention import SPARSE_PARAMS  # tools/ is on the path when run as a script
+from profile_model import table as kernel_table
 from torch.profiler import ProfilerActivity, profile
-
-
-def kernel_table(prof, steps: int, title: str) -> None:
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    events.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in events)
-    print(f"\n== {title}: {total / 1e3 / steps:.3f} ms GPU per call")
-    for e in events:
-        print(f"{e.self_device_time_total / 1e3 / steps:9.4f} ms {e.count / steps:5.1f}x  {e.key[:100]}")
 
 
 def main() -> int:
@@ -39,7 +32,6 @@ def main() -> int:
                    help="the bias table's dtype (a bf16 model's is bf16)")
     p.add_argument("--pattern", default="dense", choices=["dense", "local", "block"])
     args = p.parse_args()
-    params = {"local": dict(local_radius=127), "block": dict(block_size=512, num_global=16)}
     H, D = 12, 64
     for L in (int(x) for x in args.lengths.split(",")):
         B = max(1, args.tokens // L) if args.pattern == "dense" else 1
@@ -59,7 +51,7 @@ def main() -> int:
                     if args.pattern == "dense":
                         out = flash_attention(q, k, v, table)
                     else:
-                        out = sparse_attention(q, k, v, table, pattern=args.pattern, **params[args.pattern])
+                        out = sparse_attention(q, k, v, table, pattern=args.pattern, **SPARSE_PARAMS[args.pattern])
                     if backward:
                         out.backward(dout)
 
@@ -70,9 +62,9 @@ def main() -> int:
                     for _ in range(args.steps):
                         call()
                     torch.cuda.synchronize()
-                kernel_table(prof, args.steps, f"{args.pattern} L={L} B={B} "
+                kernel_table(prof, 40, f"{args.pattern} L={L} B={B} "
                              f"{args.table_dtype + ' bias' if with_bias else 'no bias'} "
-                             f"{'fwd+bwd' if backward else 'fwd'}")
+                             f"{'fwd+bwd' if backward else 'fwd'}", steps=args.steps)
     return 0
 
 

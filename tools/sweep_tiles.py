@@ -17,6 +17,7 @@ import os
 
 import torch
 import triton
+from bench_attention import SPARSE_PARAMS, visible_scores  # tools/ is on the path when run as a script
 
 FWD_VARIANTS = [
     dict(T5CORE_TILE_FWD="64x64x4x3"),
@@ -47,9 +48,6 @@ SPARSE_FWD_VARIANTS = FWD_VARIANTS + [  # a 64-row local tile computes 320 key c
 ]
 DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(T5CORE_TILE_FWD="128x64x8x3", table="bfloat16"),
                     dict(buckets="none")]
-
-
-SPARSE_PARAMS = {"local": dict(local_radius=127), "block": dict(block_size=512, num_global=16)}
 
 
 def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
@@ -83,10 +81,8 @@ def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
                                  grad_to_none=[q, k, v] + ([table] if table is not None else []) if grad else None)
     scores = L * L
     if pattern != "dense":
-        from bench_attention import visible_scores  # tools/ is on the path when run as a script
-
-        params = dict(radius=127, block_size=512, num_global=16)
-        scores = visible_scores(pattern, L, params["radius"], params["block_size"], params["num_global"])
+        scores = visible_scores(pattern, L, SPARSE_PARAMS["local"]["local_radius"],
+                                SPARSE_PARAMS["block"]["block_size"], SPARSE_PARAMS["block"]["num_global"])
     flops = 4 * B * H * scores * D * (2.5 if grad else 1.0)
     return flops / ms / 1e9
 
