@@ -511,22 +511,27 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
             if MODE == FAR:
                 acc_rows += tl.sum(ds, 1)
             else:
-                # Per-bucket sums of dS without a bucket per score: a bucket is a run of rel
-                # values (a "segment"), so with F(t) = sum of dS over rel < t, the segment
-                # [t_s, t_s+1) gets F(t_s+1) - F(t_s). Only the boundaries inside this tile's
-                # rel range are visited (a few near the diagonal, one or two elsewhere).
+                # Per-bucket sums of dS without a bucket per score. A bucket is a run of rel
+                # values (a "segment"); this tile's rel range holds segments seg_lo..seg_hi, and
+                # the boundary t_(j+1) of segment seg_lo + j falls in row m at column
+                # t_(j+1) + q_pos[m] - start_n (rel < t <=> key < t + query position). One row
+                # cumsum and one gather give F[m, j] = sum of row m's dS before boundary j, for
+                # every boundary at once; with S[j] = sum over rows of F[:, j] (S = the tile total
+                # past the last boundary), segment j gets S[j] - S[j-1], i.e. bucket b gets
+                # sum_j S[j] * ([bucket(j) = b] - [bucket(j + 1) = b]).
                 c = start_n - m0 - q_offset
                 seg_lo = lut_lookup(c - (BLOCK_M - 1), SegLUT, MAX_DISTANCE)
-                seg_hi = lut_lookup(c + (BLOCK_N - 1), SegLUT, MAX_DISTANCE)
-                f_prev = tl.sum(tl.zeros([BLOCK_M], dtype=tl.float32), 0)
-                for seg in range(seg_lo, seg_hi):
-                    t = tl.load(SegStart + seg + 1)
-                    # rel < t  <=>  key index < t + query position (no [BLOCK_M, BLOCK_N] int tile)
-                    f_t = tl.sum(tl.sum(tl.where(cols[None, :] < (t + q_pos)[:, None], ds, 0.0), 1), 0)
-                    acc_nb += tl.where(nb_idx == tl.load(SegBucket + seg), f_t - f_prev, 0.0)
-                    f_prev = f_t
-                total = tl.sum(tl.sum(ds, 1), 0)
-                acc_nb += tl.where(nb_idx == tl.load(SegBucket + seg_hi), total - f_prev, 0.0)
+                n_seg = lut_lookup(c + (BLOCK_N - 1), SegLUT, MAX_DISTANCE) - seg_lo  # < NB_POW2
+                inner = nb_idx < n_seg
+                t = tl.load(SegStart + seg_lo + nb_idx + 1, mask=inner, other=0)
+                col = tl.where(inner[None, :], t[None, :] + q_pos[:, None] - start_n, BLOCK_N)  # [BLOCK_M, NB_POW2]
+                f = tl.gather(tl.cumsum(ds, 1), tl.minimum(tl.maximum(col - 1, 0), BLOCK_N - 1), 1)
+                s_j = tl.sum(tl.where(col > 0, f, 0.0), 0)
+                b_j = tl.load(SegBucket + seg_lo + nb_idx, mask=nb_idx <= n_seg, other=-1)
+                b_next = tl.load(SegBucket + seg_lo + nb_idx + 1, mask=nb_idx < n_seg, other=-1)
+                w = ((nb_idx[None, :] == b_j[:, None]).to(tl.float32)
+                     - (nb_idx[None, :] == b_next[:, None]).to(tl.float32))  # [segment j, bucket]
+                acc_nb += tl.sum(s_j[:, None] * w, 0)
     return dq, acc_rows, acc_nb
 
 
