@@ -519,19 +519,24 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
                 # every boundary at once; with S[j] = sum over rows of F[:, j] (S = the tile total
                 # past the last boundary), segment j gets S[j] - S[j-1], i.e. bucket b gets
                 # sum_j S[j] * ([bucket(j) = b] - [bucket(j + 1) = b]).
+                # A tile inside one segment (the side kernel's tiles away from their block, the
+                # sparse boundary tiles beyond max_distance) adds its total to that bucket.
                 c = start_n - m0 - q_offset
                 seg_lo = lut_lookup(c - (BLOCK_M - 1), SegLUT, MAX_DISTANCE)
                 n_seg = lut_lookup(c + (BLOCK_N - 1), SegLUT, MAX_DISTANCE) - seg_lo  # < NB_POW2
-                inner = nb_idx < n_seg
-                t = tl.load(SegStart + seg_lo + nb_idx + 1, mask=inner, other=0)
-                col = tl.where(inner[None, :], t[None, :] + q_pos[:, None] - start_n, BLOCK_N)  # [BLOCK_M, NB_POW2]
-                f = tl.gather(tl.cumsum(ds, 1), tl.minimum(tl.maximum(col - 1, 0), BLOCK_N - 1), 1)
-                s_j = tl.sum(tl.where(col > 0, f, 0.0), 0)
-                b_j = tl.load(SegBucket + seg_lo + nb_idx, mask=nb_idx <= n_seg, other=-1)
-                b_next = tl.load(SegBucket + seg_lo + nb_idx + 1, mask=nb_idx < n_seg, other=-1)
-                w = ((nb_idx[None, :] == b_j[:, None]).to(tl.float32)
-                     - (nb_idx[None, :] == b_next[:, None]).to(tl.float32))  # [segment j, bucket]
-                acc_nb += tl.sum(s_j[:, None] * w, 0)
+                if n_seg == 0:
+                    acc_nb += tl.where(nb_idx == tl.load(SegBucket + seg_lo), tl.sum(tl.sum(ds, 1), 0), 0.0)
+                else:
+                    inner = nb_idx < n_seg
+                    t = tl.load(SegStart + seg_lo + nb_idx + 1, mask=inner, other=0)
+                    col = tl.where(inner[None, :], t[None, :] + q_pos[:, None] - start_n, BLOCK_N)  # [BM, NB_POW2]
+                    f = tl.gather(tl.cumsum(ds, 1), tl.minimum(tl.maximum(col - 1, 0), BLOCK_N - 1), 1)
+                    s_j = tl.sum(tl.where(col > 0, f, 0.0), 0)
+                    b_j = tl.load(SegBucket + seg_lo + nb_idx, mask=nb_idx <= n_seg, other=-1)
+                    b_next = tl.load(SegBucket + seg_lo + nb_idx + 1, mask=nb_idx < n_seg, other=-1)
+                    w = ((nb_idx[None, :] == b_j[:, None]).to(tl.float32)
+                         - (nb_idx[None, :] == b_next[:, None]).to(tl.float32))  # [segment j, bucket]
+                    acc_nb += tl.sum(s_j[:, None] * w, 0)
     return dq, acc_rows, acc_nb
 
 
