@@ -2,7 +2,7 @@
 # Candidate kernels for the A/B steps of tools/gpu_run.sh: writes each candidate's kernels/flash.py
 # to ab/<name>.py (ignored by git; pass "ab" in the device call's carry) and prints the AB_FILES
 # value that names them. A candidate is a branch or a patch of kernels/flash.py against this tree.
-#   bash tools/ab_files.sh exp/dq-gather-segments bench/candidates/near-bias-mma.patch
+#   bash tools/ab_files.sh exp/some-branch some-change.patch
 set -eu
 mkdir -p ab
 spec=""
