@@ -1137,7 +1137,8 @@ def tile(kind: str, fp32: bool, sparse: bool = False) -> tuple[int, int]:
 
 
 def _tile_override(kind: str):
-    """Tuning runs: T5CORE_TILE_FWD=128x64 (tile) or 128x64x8x3 (tile, warps, stages)."""
+    """Tuning runs: T5CORE_TILE_FWD=128x64 (tile), 128x64x8x3 (tile, warps, stages) or
+    64x64x4x2x128 (and a register cap per thread, ptxas' maxnreg: occupancy, docs/kernels.md)."""
     value = os.environ.get(f"T5CORE_TILE_{kind.upper()}")
     return tuple(int(x) for x in value.lower().split("x")) if value else None
 
@@ -1172,8 +1173,9 @@ def _launch(kind: str, grid: tuple, fp32: bool, *args, **kwargs):
         return
     family = _family(fp32)
     override = _tile_override(kind)
-    if override and len(override) == 4:
-        kernel[grid](*args, num_warps=override[2], num_stages=override[3], **kwargs)
+    if override and len(override) >= 4:
+        cap = dict(maxnreg=override[4]) if len(override) == 5 else {}
+        kernel[grid](*args, num_warps=override[2], num_stages=override[3], **cap, **kwargs)
         return
     if not _autotune_enabled():
         warps, stages = _WARPS_STAGES[family][kind][0]

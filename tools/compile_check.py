@@ -11,8 +11,8 @@ intercepted: instead of running, each launch is compiled to a cubin for the targ
 ships ptxas) with the same arguments, constexprs, warps and stages, specialised as the
 runtime launcher specialises them (16-byte alignment, divisibility by 16: without those facts
 the software pipeliner leaves every load synchronous and the registers printed are not the
-GPU's). It prints one line per distinct variant with registers, spilled bytes and shared
-memory, and exits 1 if any variant fails.
+GPU's). It prints one line per distinct variant with registers, spilled bytes, shared
+memory and the blocks per SM they allow (occupancy), and exits 1 if any variant fails.
 
 To check against the Triton of another machine (the GPU box's), put that version's package
 first on the path: `pip install --target /tmp/t36 triton==3.6.0` and
@@ -66,6 +66,17 @@ class Compiler:
         self.seen: dict[str, str] = {}
         self.failed = 0
 
+    # Per SM: shared memory (bytes; 1 KB of it reserved per block), registers, warps, blocks.
+    SM_LIMITS = {90: (233472, 65536, 64, 32), 80: (167936, 65536, 64, 32)}
+
+    def occupancy(self, regs: int, smem: int, warps: int) -> int:
+        """Blocks per SM the registers, shared memory and warps allow (the CUDA occupancy rules:
+        registers are allocated per warp in units of 256, i.e. per thread rounded up to 8)."""
+        smem_sm, regs_sm, warps_sm, blocks_sm = self.SM_LIMITS[90 if self.arch >= 90 else 80]
+        per_warp = -(-regs * 32 // 256) * 256
+        by_regs = regs_sm // (per_warp * warps) if regs else blocks_sm
+        return min(by_regs, smem_sm // (smem + 1024), warps_sm // warps, blocks_sm)
+
     def resources(self, ptx: str) -> str:
         """Registers and spill bytes, from ptxas -v on the kernel's PTX."""
         import re
@@ -82,6 +93,7 @@ class Compiler:
                                     capture_output=True, text=True)
         regs = re.search(r"Used (\d+) registers", result.stderr)
         spills = re.search(r"(\d+) bytes spill stores", result.stderr)
+        self.last_regs = int(regs.group(1)) if regs else 0
         return f"regs {regs.group(1) if regs else '?':>3} spill {spills.group(1) if spills else '?':>4}"
 
     def run(self, fn: JITFunction, *args, grid=None, warmup=False, **kwargs):
@@ -91,7 +103,9 @@ class Compiler:
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                       target=self.target, options=options.__dict__)
-            self.seen[key] = f"ok   {self.resources(compiled.asm['ptx'])} smem {compiled.metadata.shared}"
+            used = self.resources(compiled.asm["ptx"])
+            blocks = self.occupancy(self.last_regs, compiled.metadata.shared, options.num_warps)
+            self.seen[key] = f"ok   {used} smem {compiled.metadata.shared:6d} blocks/SM {blocks}"
         except Exception as err:  # noqa: BLE001 - report every failing variant
             self.failed += 1
             self.seen[key] = f"FAIL {type(err).__name__}: {str(err).splitlines()[-1][:300]}"
