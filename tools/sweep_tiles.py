@@ -34,6 +34,7 @@ FWD_VARIANTS = [
     # a 128-register cap allow 4 with no spill.
     dict(T5CORE_TILE_FWD="64x64x4x2x128"),
     dict(T5CORE_TILE_FWD="64x64x4x2"),
+    dict(T5CORE_TILE_FWD="64x64x4x2", T5CORE_NEAR="lut"),  # gathered near bias: 128 registers, 42 KB, 4 blocks
 ]
 BWD_VARIANTS = [  # one kernel's tile varied at a time, the other at its default
     dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
@@ -111,8 +112,10 @@ def pick(rows) -> str:
     default_dq, default_dkdv = bwd[0]["variant"]["T5CORE_TILE_DQ"], bwd[0]["variant"]["T5CORE_TILE_DKDV"]
     dq = max((r for r in bwd if r["variant"]["T5CORE_TILE_DKDV"] == default_dkdv), key=_score)
     dkdv = max((r for r in bwd if r["variant"]["T5CORE_TILE_DQ"] == default_dq), key=_score)
+    near = fwd["variant"].get("T5CORE_NEAR")  # how near tiles get their bias, with the forward's tile
     return (f"export T5CORE_TILE_FWD={fwd['variant']['T5CORE_TILE_FWD']}\n"
-            f"export T5CORE_TILE_DQ={dq['variant']['T5CORE_TILE_DQ']}\n"
+            + (f"export T5CORE_NEAR={near}\n" if near else "")
+            + f"export T5CORE_TILE_DQ={dq['variant']['T5CORE_TILE_DQ']}\n"
             f"export T5CORE_TILE_DKDV={dkdv['variant']['T5CORE_TILE_DKDV']}\n")
 
 
