@@ -264,6 +264,7 @@ def _tglobal_case(L, lengths, radius, global_block, num_buckets, max_distance, d
 @pytest.mark.parametrize("L,lengths,radius,global_block,num_buckets,max_distance", [
     (70, [70, 33], 9, 4, 32, 24),    # orphans (33 = 8 blocks of 4 + 1), padding, rel beyond max_distance
     (100, [100, 100], 30, 16, 8, 4),  # side keys beyond +-max_distance (the clamped LUT)
+    (300, [300, 211], 9, 4, 8, 4),   # 75 side keys: far side-key tiles on both sides, padding
     (45, [45, 3], 7, 4, 32, 128),    # a row with no full global block: no side key at all
     (9, [9, 9], 3, 16, 32, 128),     # shorter than a global block: G = 0 side keys
 ])
