@@ -8,6 +8,7 @@
 #     # this tree's kernels against candidate kernels/flash.py files, each in a copy of the tree;
 #     # tools/ab_files.sh CANDIDATE... writes them under ab/ (git-ignored: carry "ab" in the device call)
 #   STEPS="tune attention tests" bash tools/gpu_run.sh   # tile sweep; the later steps run with its best tiles
+#   AB_FILES=... STEPS="ab_sparse" bash tools/gpu_run.sh   # sparse modes (SPARSE_AB_ARGS) on this tree and each candidate
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
 # so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
 # compiling kernel variants on the host, so they run in XDIST parallel pytest workers
@@ -71,6 +72,10 @@ for s in ${STEPS:-tests attention model generate}; do
     profile_attention) step profile_attention ${T_PROFILE:-120} python3 tools/profile_attention.py ${PROFILE_ARGS:-}
         in_candidates profile ${T_PROFILE:-120} python3 tools/profile_attention.py ${PROFILE_ARGS:-} ;;
     profile_model) step profile_model ${T_PROFILE_MODEL:-150} python3 tools/profile_model.py ${PROFILE_MODEL_ARGS:-} ;;
+    ab_sparse) step sparse_this ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-this.json" \
+                 ${SPARSE_AB_ARGS:---sparse-modes dense,transient-global --sparse-lengths 32768,131072}
+        in_candidates sparse ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-NAME.json" \
+                 ${SPARSE_AB_ARGS:---sparse-modes dense,transient-global --sparse-lengths 32768,131072} ;;
     ab_pytest) in_candidates pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR \
                  ${PYTEST_ARGS:-tests} ;;
     pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;
