@@ -1106,7 +1106,7 @@ _TILES = {
 # narrower tiles across the window compute fewer hidden scores: 64x32 forward, 32x64 dk/dv
 # (+15% / +9% for local, +7% / +5% for block at 128k on the H200; docs/kernels.md).
 _SPARSE_TILES = {"sm90": {"fwd": (64, 32), "dkdv": (32, 64)}}
-_WARPS_STAGES = {
+_WARPS_STAGES = {  # (warps, stages[, maxnreg]); the first is the default, the rest for T5CORE_AUTOTUNE=1
     "sm90": {"fwd": [(4, 3), (8, 3), (4, 4), (4, 2)], "dq": [(4, 3), (8, 2), (4, 2), (8, 3)],
              "dkdv": [(4, 3), (8, 2), (4, 2), (8, 3)]},
     "sm80": {"fwd": [(4, 3), (8, 3), (4, 2)], "dq": [(4, 3), (8, 2), (4, 2)], "dkdv": [(4, 3), (8, 2), (4, 2)]},
@@ -1160,8 +1160,13 @@ _TUNE_KEY = ["tune_len", "HEAD_DIM", "HAS_BIAS", "CAUSAL", "HAS_KEYLENS", "IS_VA
 
 
 @functools.lru_cache(maxsize=None)
+def _launch_options(config: tuple) -> dict:
+    """(warps, stages) or (warps, stages, maxnreg: a register cap per thread, for occupancy)."""
+    return dict(zip(("num_warps", "num_stages", "maxnreg"), config))
+
+
 def _tuned(kind: str, family: str):
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in _WARPS_STAGES[family][kind]]
+    configs = [triton.Config({}, **_launch_options(config)) for config in _WARPS_STAGES[family][kind]]
     return triton.autotune(configs, key=_TUNE_KEY)(_KERNELS[kind])
 
 
@@ -1174,12 +1179,10 @@ def _launch(kind: str, grid: tuple, fp32: bool, *args, **kwargs):
     family = _family(fp32)
     override = _tile_override(kind)
     if override and len(override) >= 4:
-        cap = dict(maxnreg=override[4]) if len(override) == 5 else {}
-        kernel[grid](*args, num_warps=override[2], num_stages=override[3], **cap, **kwargs)
+        kernel[grid](*args, **_launch_options(override[2:]), **kwargs)
         return
     if not _autotune_enabled():
-        warps, stages = _WARPS_STAGES[family][kind][0]
-        kernel[grid](*args, num_warps=warps, num_stages=stages, **kwargs)
+        kernel[grid](*args, **_launch_options(_WARPS_STAGES[family][kind][0]), **kwargs)
         return
     _TUNED_USED.add((kind, family))
     _tuned(kind, family)[grid](*args, **kwargs)
