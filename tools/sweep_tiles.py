@@ -34,6 +34,7 @@ FWD_VARIANTS = [
     # a 128-register cap allow 4 with no spill.
     dict(T5CORE_TILE_FWD="64x64x4x2x128"),
     dict(T5CORE_TILE_FWD="64x64x4x2"),
+    dict(T5CORE_TILE_FWD="128x64x8x3x128"),  # 1 block per SM with the bias (153 registers), 2 capped (as without)
     dict(T5CORE_TILE_FWD="64x64x4x2", T5CORE_NEAR="lut"),  # gathered near bias: 128 registers, 42 KB, 4 blocks
 ]
 BWD_VARIANTS = [  # one kernel's tile varied at a time, the other at its default
