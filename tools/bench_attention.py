@@ -4,7 +4,7 @@ Runs on a CUDA GPU. For each length (batch x length = --tokens until batch 1), t
 forward and forward+backward with triton.testing.do_bench (median), and records peak extra
 memory. FLOPs: forward 4*B*H*Lq*Lk*D, fwd+bwd 2.5x that (as the brief specifies; the
 FlashAttention papers count 3.5x, i.e. multiply our fwd+bwd TFLOP/s by 1.4 to compare),
-halved when causal. Writes JSON to bench/results/attention-<date>.json (and $OUT if set)
+halved when causal. Writes JSON to --out, else bench/results/attention-<date>.json (and $OUT if set)
 and prints a short table last.
 
     python tools/bench_attention.py                    # the full run
@@ -306,7 +306,7 @@ def sparse_main(args):
                   targets="t(1M)/t(128k) <= 9 for local and block; sparse throughput per visible score >= 0.8x dense")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     paths = [Path(args.out) if args.out else ROOT / "bench" / "results" / f"sparse-attention-{stamp}.json"]
-    if os.environ.get("OUT"):
+    if os.environ.get("OUT") and not args.out:  # a copy under $OUT unless --out chose the place
         paths.append(Path(os.environ["OUT"]) / f"sparse-attention-{stamp}.json")
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +412,7 @@ def main():
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     suffix = "-causal" if args.causal else ""
     paths = [Path(args.out) if args.out else ROOT / "bench" / "results" / f"attention-{stamp}{suffix}.json"]
-    if os.environ.get("OUT"):
+    if os.environ.get("OUT") and not args.out:  # a copy under $OUT unless --out chose the place
         paths.append(Path(os.environ["OUT"]) / f"attention-{stamp}{suffix}.json")
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
