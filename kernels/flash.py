@@ -1313,6 +1313,19 @@ def _new(shape, dtype, device):
     return buf.fill_(float("nan")) if POISON_OUTPUTS else buf
 
 
+def empty_like_input(x: torch.Tensor) -> torch.Tensor:
+    """An output for input x (out for q, dq for q, ...) in x's memory layout when its last dim is
+    contiguous. A model's q, k, v are [B, L, H, D] projections viewed as [B, H, L, D]; an output in
+    that layout turns back into [B, L, H * D] without a copy (the heads merge, the gradients'
+    way to the projections). The custom ops' fake implementations use it too (same strides)."""
+    return torch.empty_like(x) if x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    buf = empty_like_input(x)
+    return buf.fill_(float("nan")) if POISON_OUTPUTS else buf
+
+
 def _dummy(device, dtype=torch.int32):
     return torch.empty(1, dtype=dtype, device=device)
 
@@ -1367,7 +1380,7 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         raise ValueError(f"q_offset must be >= 0, got {q_offset}")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     lay = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    out = _new(q.shape, q.dtype, q.device)
+    out = _new_like(q)
     lse = _new(lay.lse_shape, torch.float32, q.device)
     dummy = _dummy(q.device)
     fp32 = q.dtype == torch.float32
@@ -1401,7 +1414,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
              bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN):
     """Returns (dq, dk, dv, dtable); dtable is an empty tensor when table is None."""
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
-    do = do.contiguous()  # autograd may hand us an expanded (stride 0) gradient
+    do = _last_dim_contiguous(do)  # the kernels read it through its strides (stride 0 too)
     lay = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dummy = _dummy(q.device)
     keylens = key_lengths if key_lengths is not None else dummy
@@ -1439,9 +1452,9 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         far_left = far_right = 0
         parts = _dummy(q.device, torch.float32).view(1, 1, 1)
 
-    dq = _new(q.shape, q.dtype, q.device)
-    dk = _new(k.shape, k.dtype, k.device)
-    dv = _new(v.shape, v.dtype, v.device)
+    dq = _new_like(q)
+    dk = _new_like(k)
+    dv = _new_like(v)
     _launch(
         "dq", (triton.cdiv(lay.seqlen_q, dq_m), bh), fp32,
         q, k, v, do, dq, lse, delta, bias_lut, dq_blocks, *seg, parts, keylens, cu_q, cu_k,

@@ -54,6 +54,9 @@ def run_and_compare(B, H, Lq, Lk, D, *, dtype=torch.float32, tol=FP32_TOL, with_
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
 
     assert out.dtype == dtype and out.shape == ref.shape
+    if strided:  # outputs and gradients in the inputs' layout: the heads merge back without a copy
+        for name, x in zip(["out", "dq", "dk", "dv"], (out, *grads[:3])):
+            assert x.transpose(1, 2).is_contiguous(), f"{name} is not in the [B, L, H, D] layout"
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
     assert rel_err(out, ref) < tol, f"out: {rel_err(out, ref):.2e}"
     for name, grad, ref_grad in zip(["dq", "dk", "dv", "dtable"], grads, ref_grads):
@@ -199,8 +202,12 @@ def test_varlen_packing(causal):
 # ---- torch.library / torch.compile -------------------------------------------------------------
 
 
-def test_opcheck_fixed_length():
-    q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))
+@pytest.mark.parametrize("strided", [False, True])
+def test_opcheck_fixed_length(strided):
+    # strided: views of [B, L, H, D], whose outputs keep that layout (the fake implementation too)
+    shape = (1, 33, 2, 16) if strided else (1, 2, 33, 16)
+    q, k, v = (torch.randn(shape).transpose(1, 2).requires_grad_() if strided else torch.randn(shape, requires_grad=True)
+               for _ in range(3))
     table = torch.randn(32, 2, requires_grad=True)
     kl = torch.tensor([20])
     args = (q, k, v, table, kl, True, 32, 128, False, 0)
