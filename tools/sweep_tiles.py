@@ -56,6 +56,7 @@ SPARSE_FWD_VARIANTS = FWD_VARIANTS + [  # a 64-row local tile computes 320 key c
     dict(T5CORE_TILE_FWD="32x64x4x3"),
     dict(T5CORE_TILE_FWD="32x64x2x3"),
     dict(T5CORE_TILE_FWD="64x32x4x3"),
+    dict(T5CORE_TILE_FWD="64x32x4x3x128"),  # block's forward: 139 registers, 3 blocks per SM; capped 4
 ]
 DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(T5CORE_TILE_FWD="128x64x8x3", table="bfloat16"),
                     dict(T5CORE_TILE_FWD="64x64x4x2x128", T5CORE_TILE_DQ="64x32x4x3x128"), dict(buckets="none")]
