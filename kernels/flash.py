@@ -1159,12 +1159,12 @@ _TUNE_KEY = ["tune_len", "HEAD_DIM", "HAS_BIAS", "CAUSAL", "HAS_KEYLENS", "IS_VA
              "NEAR_INTERIOR", "BLOCK_M", "BLOCK_N", "PATTERN"]
 
 
-@functools.lru_cache(maxsize=None)
 def _launch_options(config: tuple) -> dict:
     """(warps, stages) or (warps, stages, maxnreg: a register cap per thread, for occupancy)."""
     return dict(zip(("num_warps", "num_stages", "maxnreg"), config))
 
 
+@functools.lru_cache(maxsize=None)
 def _tuned(kind: str, family: str):
     configs = [triton.Config({}, **_launch_options(config)) for config in _WARPS_STAGES[family][kind]]
     return triton.autotune(configs, key=_TUNE_KEY)(_KERNELS[kind])

@@ -34,8 +34,7 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], key_lengths: 
 @_fwd.register_fake
 def _(q, k, v, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset, pattern=0, radius=0,
       block_size=1, num_global=0):
-    return flash.empty_like_input(q), q.new_empty(_lse_shape(q, False),
-                                                                                     dtype=torch.float32)
+    return flash.empty_like_input(q), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
 
 
 @torch.library.custom_op("t5core::flash_attention_bwd", mutates_args=())
@@ -51,9 +50,7 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, 
 def _(do, q, k, v, out, lse, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset,
       pattern=0, radius=0, block_size=1, num_global=0):
     dtable = torch.empty_like(table) if table is not None else q.new_empty(0)
-    return (flash.empty_like_input(q),
-            flash.empty_like_input(k),
-            flash.empty_like_input(v), dtable)
+    return flash.empty_like_input(q), flash.empty_like_input(k), flash.empty_like_input(v), dtable
 
 
 def _fwd_setup(ctx, inputs, output):
@@ -87,8 +84,7 @@ def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], cu_seq
 @_varlen_fwd.register_fake
 def _(q, k, v, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bidirectional, num_buckets,
       max_distance, causal):
-    return flash.empty_like_input(q), q.new_empty(_lse_shape(q, True),
-                                                                                     dtype=torch.float32)
+    return flash.empty_like_input(q), q.new_empty(_lse_shape(q, True), dtype=torch.float32)
 
 
 @torch.library.custom_op("t5core::flash_attention_varlen_bwd", mutates_args=())
@@ -104,9 +100,7 @@ def _varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
 def _(do, q, k, v, out, lse, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bidirectional,
       num_buckets, max_distance, causal):
     dtable = torch.empty_like(table) if table is not None else q.new_empty(0)
-    return (flash.empty_like_input(q),
-            flash.empty_like_input(k),
-            flash.empty_like_input(v), dtable)
+    return flash.empty_like_input(q), flash.empty_like_input(k), flash.empty_like_input(v), dtable
 
 
 def _varlen_setup(ctx, inputs, output):

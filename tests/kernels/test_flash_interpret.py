@@ -261,3 +261,16 @@ def test_bf16_table_gives_bf16_bias_blocks_with_exact_values(monkeypatch):
     out = flash_attention(q.float(), k.float(), v.float(), table, key_lengths=kl)
     assert made and all(dtype == torch.bfloat16 for dtype in made)
     assert rel_err(out, ref) < FP32_TOL
+
+
+def test_autotuned_launchers_are_built_once_with_the_listed_configs(monkeypatch):
+    # T5CORE_AUTOTUNE=1 (GPU only): one autotuner per kernel and family, else every call re-tunes.
+    monkeypatch.setitem(flash_mod._WARPS_STAGES["sm90"], "fwd", [(4, 3), (4, 2, 128)])
+    flash_mod._tuned.cache_clear()
+    try:
+        tuner = flash_mod._tuned("fwd", "sm90")
+        assert flash_mod._tuned("fwd", "sm90") is tuner
+        got = [(c.num_warps, c.num_stages, c.maxnreg) for c in tuner.configs]
+        assert got == [(4, 3, None), (4, 2, 128)]
+    finally:
+        flash_mod._tuned.cache_clear()
