@@ -77,8 +77,8 @@ class Compiler:
         by_regs = regs_sm // (per_warp * warps) if regs else blocks_sm
         return min(by_regs, smem_sm // (smem + 1024), warps_sm // warps, blocks_sm)
 
-    def resources(self, ptx: str) -> str:
-        """Registers and spill bytes, from ptxas -v on the kernel's PTX."""
+    def resources(self, ptx: str) -> tuple[int, str]:
+        """(registers, spilled bytes), from ptxas -v on the kernel's PTX (0 / "?" if not printed)."""
         import re
         import subprocess
         import tempfile
@@ -93,8 +93,7 @@ class Compiler:
                                     capture_output=True, text=True)
         regs = re.search(r"Used (\d+) registers", result.stderr)
         spills = re.search(r"(\d+) bytes spill stores", result.stderr)
-        self.last_regs = int(regs.group(1)) if regs else 0
-        return f"regs {regs.group(1) if regs else '?':>3} spill {spills.group(1) if spills else '?':>4}"
+        return int(regs.group(1)) if regs else 0, spills.group(1) if spills else "?"
 
     def run(self, fn: JITFunction, *args, grid=None, warmup=False, **kwargs):
         key, sig, constexprs, attrs, options = _launch_spec(fn, self.backend, args, kwargs)
@@ -103,9 +102,10 @@ class Compiler:
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                       target=self.target, options=options.__dict__)
-            used = self.resources(compiled.asm["ptx"])
-            blocks = self.occupancy(self.last_regs, compiled.metadata.shared, options.num_warps)
-            self.seen[key] = f"ok   {used} smem {compiled.metadata.shared:6d} blocks/SM {blocks}"
+            regs, spills = self.resources(compiled.asm["ptx"])
+            smem = compiled.metadata.shared
+            blocks = self.occupancy(regs, smem, options.num_warps)
+            self.seen[key] = f"ok   regs {regs or '?':>3} spill {spills:>4} smem {smem:6d} blocks/SM {blocks}"
         except Exception as err:  # noqa: BLE001 - report every failing variant
             self.failed += 1
             self.seen[key] = f"FAIL {type(err).__name__}: {str(err).splitlines()[-1][:300]}"

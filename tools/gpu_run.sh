@@ -72,10 +72,10 @@ for s in ${STEPS:-tests attention model generate}; do
     profile_attention) step profile_attention ${T_PROFILE:-120} python3 tools/profile_attention.py ${PROFILE_ARGS:-}
         in_candidates profile ${T_PROFILE:-120} python3 tools/profile_attention.py ${PROFILE_ARGS:-} ;;
     profile_model) step profile_model ${T_PROFILE_MODEL:-150} python3 tools/profile_model.py ${PROFILE_MODEL_ARGS:-} ;;
-    ab_sparse) step sparse_this ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-this.json" \
-                 ${SPARSE_AB_ARGS:---sparse-modes dense,transient-global --sparse-lengths 32768,131072}
+    ab_sparse) sparse_args=${SPARSE_AB_ARGS:---sparse-modes dense,transient-global --sparse-lengths 32768,131072}
+        step sparse_this ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-this.json" $sparse_args
         in_candidates sparse ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-NAME.json" \
-                 ${SPARSE_AB_ARGS:---sparse-modes dense,transient-global --sparse-lengths 32768,131072} ;;
+                 $sparse_args ;;
     ab_pytest) in_candidates pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR \
                  ${PYTEST_ARGS:-tests} ;;
     pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;
