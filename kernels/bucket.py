@@ -12,6 +12,8 @@ for bit equal to the reference without depending on how a GPU rounds `log` or a 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # The one torch definition of the bucket arithmetic lives with the bias module; the kernels
@@ -40,6 +42,20 @@ def bucket_lut(bidirectional: bool, num_buckets: int, max_distance: int, device=
             "beyond max_distance, which the kernels need; use attention='basic' for such a config")
     rel = torch.arange(-max_distance, max_distance + 1, dtype=torch.long)
     return relative_position_bucket(rel, bidirectional, num_buckets, max_distance).to(torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def bucket_reach(bidirectional: bool, num_buckets: int, max_distance: int) -> int:
+    """The smallest r >= 1 with bucket(rel) constant for every rel >= r and for every rel <= -r.
+
+    T5's log buckets saturate before max_distance: with 32 buckets and max_distance 128 (every
+    T5 size) at |rel| = 91 bidirectional and 113 causal. The kernels take their bias from LUTs over
+    +-reach and treat every tile beyond it as far (one scalar bias): fewer near tiles, same values."""
+    lut = bucket_lut(bidirectional, num_buckets, max_distance).tolist()  # entry i: rel = i - max_distance
+    reach = max_distance
+    while reach > 1 and lut[max_distance - reach + 1] == lut[0] and lut[max_distance + reach - 1] == lut[-1]:
+        reach -= 1
+    return reach
 
 
 def far_buckets(bidirectional: bool, num_buckets: int, max_distance: int) -> tuple[int, int]:

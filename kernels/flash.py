@@ -2,12 +2,14 @@
 
 Scores are `q . k + table[bucket(k - q), h]` with no 1/sqrt(d) scaling (t5-facts A1). The
 bias is never materialised: the kernels read a per-head row of `bias_lut`, the bias of every
-rel in [-max_distance, max_distance] (see `bucket.py`), or small per-call blocks of it.
+rel in [-reach, reach] (see `bucket.py`), or small per-call blocks of it. `reach` is where the
+buckets stop changing (`bucket_reach`: 91 for T5's 32 bidirectional buckets and max_distance
+128, 113 causal), at or before max_distance; the kernels call it REACH.
 
 Tiles are sorted into three kinds per (query block, key block) pair:
-  * far-left:  every rel <= -max_distance, so the bias is one scalar per head (the table at
+  * far-left:  every rel <= -reach, so the bias is one scalar per head (the table at
     the "far before" bucket); it is folded into the exp2 offset, no per-score work.
-  * far-right: every rel >= +max_distance, likewise with the "far after" bucket.
+  * far-right: every rel >= +reach, likewise with the "far after" bucket.
   * near:      anything else. The bias of a near tile is Toeplitz and depends only on the
     tile's offset c = n0 - m0 - q_offset, so a small per-call kernel writes one bias block
     per (head, c); the near tile starts its score accumulator at that block
@@ -36,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bucket import bucket_lut, far_buckets, lut_lookup
+from .bucket import bucket_lut, bucket_reach, far_buckets, lut_lookup
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -101,14 +103,19 @@ def _key_regions(m0, q_offset, kv_len, DIST: tl.constexpr, CAUSAL: tl.constexpr,
         hi = tl.minimum(hi, m0 + BLOCK_M + q_offset)  # keys past the last row's position are masked
     hi = tl.maximum(hi, 0)
     n_full = (hi // BLOCK_N) * BLOCK_N
-    # far-left: n0 + BLOCK_N - 1 - (m0 + q_offset) <= -DIST
-    x = m0 + q_offset - DIST - BLOCK_N + 1
-    left_end = tl.where(x >= 0, (x // BLOCK_N + 1) * BLOCK_N, 0)
-    # far-right: n0 - (m0 + BLOCK_M - 1 + q_offset) >= DIST
-    right_start = tl.cdiv(m0 + BLOCK_M - 1 + q_offset + DIST, BLOCK_N) * BLOCK_N
-    left_end = tl.minimum(left_end, n_full)
-    right_start = tl.maximum(tl.minimum(right_start, n_full), left_end)
+    left_end, right_start = _far_bounds(m0 + q_offset, m0 + BLOCK_M - 1 + q_offset, n_full, DIST, BLOCK_N)
     return left_end, right_start, n_full, hi
+
+
+@triton.jit
+def _far_bounds(lo_pos, hi_pos, n_full, DIST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(left_end, right_start) for query positions in [lo_pos, hi_pos] and key tiles below n_full:
+    key tiles [0, left_end) are far-left (every rel <= -DIST), [right_start, n_full) far-right
+    (every rel >= DIST); both multiples of BLOCK_N, left_end <= right_start <= n_full."""
+    x = lo_pos - DIST - BLOCK_N + 1  # far-left: n0 + BLOCK_N - 1 - lo_pos <= -DIST
+    left_end = tl.minimum(tl.where(x >= 0, (x // BLOCK_N + 1) * BLOCK_N, 0), n_full)
+    right_start = tl.cdiv(hi_pos + DIST, BLOCK_N) * BLOCK_N  # far-right: n0 - hi_pos >= DIST
+    return left_end, tl.maximum(tl.minimum(right_start, n_full), left_end)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +125,7 @@ def _key_regions(m0, q_offset, kv_len, DIST: tl.constexpr, CAUSAL: tl.constexpr,
 # symmetric (visible(q, k) == visible(k, q)), so one helper gives the other-axis tiles of a
 # query tile (forward, dq) and of a key tile (dk/dv). Tiles where every pair is visible run
 # the dense loops unchanged (far-left / near / far-right: the far-tile trick still applies
-# when the window is wider than max_distance); the few boundary tiles gather their bias per
+# when the window is wider than the reach); the few boundary tiles gather their bias per
 # score and apply the predicate.
 
 DENSE: tl.constexpr = tl.constexpr(0)
@@ -192,7 +199,7 @@ def _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN: tl.co
 # Inside a near tile the bias is Toeplitz: bias[i, j] = B(c + j - i) with c = n0 - m0 - q_offset.
 # Every (query block, key block) pair with the same c shares one [BLOCK_M, BLOCK_N] block, and
 # a near tile has one of a handful of c values (c = multiple of min(BLOCK_M, BLOCK_N) - q_offset
-# within (-max_distance - BLOCK_N, max_distance + BLOCK_M)). A tiny kernel writes those blocks
+# within (-reach - BLOCK_N, reach + BLOCK_M)). A tiny kernel writes those blocks
 # per head once per call (a few MB); near tiles then read their block with plain coalesced
 # loads instead of gathering one value per score.
 
@@ -203,12 +210,12 @@ NEAR_LUT: tl.constexpr = tl.constexpr(2)  # bias gathered from the per-rel table
 
 @triton.jit
 def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks, c_first, n_blocks,
-                        MAX_DISTANCE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STEP: tl.constexpr,
+                        REACH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STEP: tl.constexpr,
                         TRANSPOSED: tl.constexpr, WRITE_LUT: tl.constexpr, LUT_POW2: tl.constexpr,
                         WINDOW: tl.constexpr = -1):
     """Blocks[h, ci] = bias(c + key - query) for c = c_first + ci * STEP, rows = queries (or keys
     when TRANSPOSED, for the dk/dv kernel's [keys, queries] tiles); with WRITE_LUT, program
-    ci = n_blocks writes BiasLUT[h] = table[bucket(rel), h] for every rel in +-MAX_DISTANCE.
+    ci = n_blocks writes BiasLUT[h] = table[bucket(rel), h] for every rel in +-REACH.
     Read straight from the table through the bucket LUT: one launch, no torch ops per call.
     WINDOW >= 0 (the `local` pattern): -inf where |rel| > WINDOW, the window's mask folded in."""
     ci = tl.program_id(0)
@@ -216,10 +223,10 @@ def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks,
     if ci == n_blocks:
         if WRITE_LUT:
             i = tl.arange(0, LUT_POW2)
-            valid = i < 2 * MAX_DISTANCE + 1
+            valid = i < 2 * REACH + 1
             bucket = tl.load(BucketLUT + i, mask=valid, other=0)
             row = tl.load(Table + bucket * stride_tb + h * stride_th, mask=valid, other=0.0)
-            tl.store(BiasLUT + h * (2 * MAX_DISTANCE + 1) + i, row.to(tl.float32), mask=valid)
+            tl.store(BiasLUT + h * (2 * REACH + 1) + i, row.to(tl.float32), mask=valid)
     else:
         c = c_first + ci * STEP
         rows = tl.arange(0, ROWS)[:, None]
@@ -228,7 +235,7 @@ def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks,
             rel = c + rows - cols
         else:
             rel = c + cols - rows
-        block_bucket = lut_lookup(rel, BucketLUT, MAX_DISTANCE)
+        block_bucket = lut_lookup(rel, BucketLUT, REACH)
         block = tl.load(Table + block_bucket * stride_tb + h * stride_th).to(tl.float32)
         if WINDOW >= 0:
             block = tl.where((rel <= WINDOW) & (rel >= -WINDOW), block, float("-inf"))
@@ -236,10 +243,10 @@ def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks,
                  block.to(Blocks.dtype.element_ty))
 
 
-def near_c_range(max_distance: int, rows: int, cols: int, q_offset: int) -> tuple[int, int]:
+def near_c_range(reach: int, rows: int, cols: int, q_offset: int) -> tuple[int, int]:
     """(c_first, n_blocks): the c values of near tiles for tiles of `rows` queries x `cols` keys."""
     step = min(rows, cols)
-    lo, hi = -max_distance - cols + 2, max_distance + rows - 2  # c of tiles neither far-left nor far-right
+    lo, hi = -reach - cols + 2, reach + rows - 2  # c of tiles neither far-left nor far-right
     c_first = lo + ((-q_offset - lo) % step)
     return c_first, max((hi - c_first) // step + 1, 1)
 
@@ -264,7 +271,7 @@ def window_c_range(radius: int, rows: int, cols: int) -> tuple[int, int]:
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head, c_first,
                far_bias, kv_len, start, end, m0, q_offset, offs_m, offs_n, offs_d,
                MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-               MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+               REACH: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
                NUM_GLOBAL: tl.constexpr):
     # PATTERN != DENSE: a sparse boundary tile; scores the pattern hides are masked (non-far modes only).
@@ -292,7 +299,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
                 s = _dot_acc(q, tl.trans(k), blk, FP32_DOT) * LOG2E
             elif HAS_BIAS:
                 s = (_dot(q, tl.trans(k), FP32_DOT) + lut_lookup(cols[None, :] - q_pos[:, None], bias_row,
-                                                                 MAX_DISTANCE)) * LOG2E
+                                                                 REACH)) * LOG2E
             else:
                 s = _dot(q, tl.trans(k), FP32_DOT) * LOG2E
             if CAUSAL:
@@ -322,7 +329,7 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh,
     num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
-    HAS_BIAS: tl.constexpr, MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, REACH: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_INTERIOR: tl.constexpr = 1,
     PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
@@ -351,15 +358,15 @@ def _fwd_kernel(
     q_pos = offs_m + q_offset
 
     if HAS_BIAS:
-        DIST: tl.constexpr = MAX_DISTANCE
+        DIST: tl.constexpr = REACH
     else:
         DIST: tl.constexpr = 1  # no bias: "far" just means fully visible
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
-    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h * (2 * REACH + 1)
     blk_head = BiasBlocks + h64 * n_blocks * (BLOCK_M * BLOCK_N)
     if HAS_BIAS:
         c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + 2 * MAX_DISTANCE) * LOG2E
+        c_right = tl.load(bias_row + 2 * REACH) * LOG2E
     else:
         c_left = 0.0
         c_right = 0.0
@@ -376,33 +383,33 @@ def _fwd_kernel(
         split = tl.minimum(tl.maximum(n_full, a0), e1)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                    blk_head, c_first, 0.0, kv_len, a0, split, m0, q_offset, offs_m, offs_n, offs_d,
-                                   NEAR_BLOCK, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   NEAR_BLOCK, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                    DENSE, 0, 1, 0)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                    blk_head, c_first, 0.0, kv_len, split, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                   NEAR_BLOCK, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   NEAR_BLOCK, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                    DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:  # sparse boundary tiles before the visible run (leading keys, window start)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                        blk_head, c_first, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n,
-                                       offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                       offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
                                        BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                        blk_head, c_first, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n,
-                                       offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                       offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
                                        BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
                                    c_first, c_left, kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d,
-                                   FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                    DENSE, 0, 1, 0)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
                                    c_first, 0.0, kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d,
-                                   NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                    DENSE, 0, 1, 0)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
                                    c_first, c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
-                                   FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                   FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                    DENSE, 0, 1, 0)
         # Masked tiles after the run, their bias gathered from the per-rel table (they may be far):
         # the one partial key tile (dense; a plain `if`, so the dense kernel compiles as before its
@@ -411,12 +418,12 @@ def _fwd_kernel(
             if n_full < hi:
                 acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                            blk_head, c_first, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset,
-                                           offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
+                                           offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH,
                                            FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         else:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                        blk_head, c_first, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                       NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                       NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                        PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
 
     # Rows with no visible key (key length 0, fully masked) output 0 and lse = +inf; so do
@@ -470,7 +477,7 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
               bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, far_bias, kv_len, start, end, m0,
               q_offset, offs_m, offs_n, offs_d, nb_idx,
               MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-              MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+              REACH: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
               NUM_GLOBAL: tl.constexpr):
     STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
@@ -494,7 +501,7 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
                 s = _dot_acc(q, tl.trans(k), blk, FP32_DOT) * LOG2E
             elif HAS_BIAS:
                 s = (_dot(q, tl.trans(k), FP32_DOT) + lut_lookup(cols[None, :] - q_pos[:, None], bias_row,
-                                                                 MAX_DISTANCE)) * LOG2E
+                                                                 REACH)) * LOG2E
             else:
                 s = _dot(q, tl.trans(k), FP32_DOT) * LOG2E
             p = tl.math.exp2(s - lse[:, None])
@@ -520,10 +527,10 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
                 # past the last boundary), segment j gets S[j] - S[j-1], i.e. bucket b gets
                 # sum_j S[j] * ([bucket(j) = b] - [bucket(j + 1) = b]).
                 # A tile inside one segment (the side kernel's tiles away from their block, the
-                # sparse boundary tiles beyond max_distance) adds its total to that bucket.
+                # sparse boundary tiles beyond the reach) adds its total to that bucket.
                 c = start_n - m0 - q_offset
-                seg_lo = lut_lookup(c - (BLOCK_M - 1), SegLUT, MAX_DISTANCE)
-                n_seg = lut_lookup(c + (BLOCK_N - 1), SegLUT, MAX_DISTANCE) - seg_lo  # < NB_POW2
+                seg_lo = lut_lookup(c - (BLOCK_M - 1), SegLUT, REACH)
+                n_seg = lut_lookup(c + (BLOCK_N - 1), SegLUT, REACH) - seg_lo  # < NB_POW2
                 if n_seg == 0:
                     acc_nb += tl.where(nb_idx == tl.load(SegBucket + seg_lo), tl.sum(tl.sum(ds, 1), 0), 0.0)
                 else:
@@ -566,7 +573,7 @@ def _bwd_dq_kernel(
     num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
     HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr,
     FAR_LEFT_BUCKET: tl.constexpr, FAR_RIGHT_BUCKET: tl.constexpr,
-    MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
+    REACH: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_INTERIOR: tl.constexpr = 1,
     PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
@@ -597,15 +604,15 @@ def _bwd_dq_kernel(
     q_pos = offs_m + q_offset
 
     if HAS_BIAS:
-        DIST: tl.constexpr = MAX_DISTANCE
+        DIST: tl.constexpr = REACH
     else:
         DIST: tl.constexpr = 1
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
-    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h * (2 * REACH + 1)
     blk_head = BiasBlocks + h64 * n_blocks * (BLOCK_M * BLOCK_N)
     if HAS_BIAS:
         c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + 2 * MAX_DISTANCE) * LOG2E
+        c_right = tl.load(bias_row + 2 * REACH) * LOG2E
     else:
         c_left = 0.0
         c_right = 0.0
@@ -622,52 +629,52 @@ def _bwd_dq_kernel(
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                          stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
                                          SegBucket, 0.0, kv_len, a0, split, m0, q_offset, offs_m, offs_n, offs_d,
-                                         nb_idx, NEAR_BLOCK, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                         nb_idx, NEAR_BLOCK, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
                                          BLOCK_N, DENSE, 0, 1, 0)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                          stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
                                          SegBucket, 0.0, kv_len, split, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                         nb_idx, NEAR_BLOCK, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                         nb_idx, NEAR_BLOCK, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
                                          BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                              stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
                                              SegBucket, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n, offs_d,
-                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
                                              BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                              stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
                                              SegBucket, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n, offs_d,
-                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
                                              BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                          q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, c_left,
                                          kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
-                                         FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                         FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                          DENSE, 0, 1, 0)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                          q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, 0.0,
                                          kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
-                                         NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N,
+                                         NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                          DENSE, 0, 1, 0)
         dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                           stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket,
                                           c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
-                                          nb_idx, FAR, False, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                          nb_idx, FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
                                           BLOCK_N, DENSE, 0, 1, 0)
         if PATTERN == DENSE:
             if n_full < hi:
                 dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                                  stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
                                                  SegBucket, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
-                                                 offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE,
+                                                 offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH,
                                                  FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         else:
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                              stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
                                              SegBucket, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, MAX_DISTANCE, FP32_DOT, BLOCK_M,
+                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
                                              BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
@@ -682,7 +689,7 @@ def _bwd_dq_kernel(
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0, blk_head,
                 c_first, far_bias, q_len, q_offset, start, end, offs_m, offs_n, offs_d, bias_row, q_pos_base,
                 MODE: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-                FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_DISTANCE: tl.constexpr,
+                FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REACH: tl.constexpr,
                 PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
                 Q_POS_TENSOR: tl.constexpr):
     # Transposed orientation: scores^T [BLOCK_N keys, BLOCK_M queries], so dk and dv need no transposes.
@@ -710,7 +717,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
                 else:
                     q_pos = rows + q_offset
                 s = (_dot(k, tl.trans(q), FP32_DOT) + lut_lookup(cols[:, None] - q_pos[None, :], bias_row,
-                                                                 MAX_DISTANCE)) * LOG2E
+                                                                 REACH)) * LOG2E
             else:
                 s = _dot(k, tl.trans(q), FP32_DOT) * LOG2E
             p_t = tl.math.exp2(s - lse[None, :])
@@ -736,7 +743,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh,
     num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
-    HAS_BIAS: tl.constexpr, MAX_DISTANCE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, REACH: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
@@ -771,14 +778,14 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
-        DIST: tl.constexpr = MAX_DISTANCE
+        DIST: tl.constexpr = REACH
     else:
         DIST: tl.constexpr = 1
-    bias_row = BiasLUT + h * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h * (2 * REACH + 1)
     blk_head = BiasBlocksT + h64 * n_blocks * (BLOCK_M * BLOCK_N)
     if HAS_BIAS:
         c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + 2 * MAX_DISTANCE) * LOG2E
+        c_right = tl.load(bias_row + 2 * REACH) * LOG2E
     else:
         c_left = 0.0
         c_right = 0.0
@@ -811,32 +818,32 @@ def _bwd_dkdv_kernel(
         if PATTERN == LOCAL:  # every query tile reads its window block (see the forward)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
                                  n0, blk_head, c_first, 0.0, q_len, q_offset, a0, e1, offs_m, offs_n, offs_d,
-                                 bias_row, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 bias_row, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                  DENSE, 0, 1, 0, False)
         else:
             if PATTERN != DENSE:
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
                                      n0, blk_head, c_first, 0.0, q_len, q_offset, 0, lead_end, offs_m, offs_n, offs_d,
-                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                      PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
                                      n0, blk_head, c_first, 0.0, q_len, q_offset, a0, i0, offs_m, offs_n, offs_d,
-                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                      PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
                                  blk_head, c_first, c_right, q_len, q_offset, i0, right_end, offs_m, offs_n, offs_d,
-                                 bias_row, bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0, False)
+                                 bias_row, bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH, DENSE, 0, 1, 0, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
                                  blk_head, c_first, 0.0, q_len, q_offset, right_end, left_start, offs_m, offs_n,
-                                 offs_d, bias_row, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                 offs_d, bias_row, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                  DENSE, 0, 1, 0, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
                                  blk_head, c_first, c_left, q_len, q_offset, left_start, i1, offs_m, offs_n, offs_d,
-                                 bias_row, bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE, DENSE, 0, 1, 0, False)
+                                 bias_row, bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH, DENSE, 0, 1, 0, False)
             if PATTERN != DENSE:
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
                                      n0, blk_head, c_first, 0.0, q_len, q_offset, i1, e1, offs_m, offs_n, offs_d,
-                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, MAX_DISTANCE,
+                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                      PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
     # Keys past the key length get exactly zero (their p was not masked above).
     dk = tl.where(kmask[:, None], dk, 0.0)
@@ -876,7 +883,7 @@ def _global_rows_fwd_kernel(
     Q, K, V, PartM, PartL, PartAcc, BiasLUT, KeyLens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     num_heads, seqlen, chunk, rows_total,
-    HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr,
     NUM_GLOBAL: tl.constexpr,
 ):
@@ -890,7 +897,7 @@ def _global_rows_fwd_kernel(
                 mask=(offs_m < seqlen)[:, None], other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h64 * (2 * REACH + 1)
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -898,7 +905,7 @@ def _global_rows_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, bias_row,
                                0, 0.0, kv_len, start, end, m0, 0, offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS,
-                               False, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+                               False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartM + row, m_i)
     tl.store(PartL + row, l_i)
@@ -912,7 +919,7 @@ def _global_rows_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
     num_heads, seqlen, chunk, rows_total,
     HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr, HAS_KEYLENS: tl.constexpr,
-    MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
 ):
     """Partial dq of query tile t over keys [c * chunk, (c + 1) * chunk), and its per-bucket dS sums."""
@@ -928,7 +935,7 @@ def _global_rows_dq_kernel(
                                          stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, offs_d)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h64 * (2 * REACH + 1)
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -937,7 +944,7 @@ def _global_rows_dq_kernel(
     dq, acc_rows, acc_nb = _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                      offs_m, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, kv_len, start,
                                      end, m0, 0, offs_m, offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, False,
-                                     MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+                                     REACH, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartDQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq)
     if HAS_BIAS:  # [chunk, B*H, tile, bucket]
@@ -951,7 +958,7 @@ def _split_dkdv_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_pb,
     num_heads, seqlen, num_keys, chunk, cols_total,
-    HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PATTERN: tl.constexpr,
     SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr, Q_POS_TENSOR: tl.constexpr,
 ):
@@ -978,12 +985,12 @@ def _split_dkdv_kernel(
     else:
         q_end = tl.cdiv(kv_len, BLOCK_M) * BLOCK_M  # queries are the keys' sequence: padded rows see nothing
     end = tl.minimum(start + chunk, q_end)
-    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h64 * (2 * REACH + 1)
     dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
                          LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
                          stride_qm, stride_dom, cols, n0, bias_row, 0, 0.0, seqlen, 0, start, end, offs_m, offs_n,
                          offs_d, bias_row, QPos + b64 * stride_pb, NEAR_LUT, HAS_BIAS, False, FP32_DOT, BLOCK_M,
-                         BLOCK_N, MAX_DISTANCE, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
+                         BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
     col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
@@ -996,10 +1003,11 @@ def _split_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 # LongT5's side attention is T5 attention with a bidirectional bias where query i sits at
 # position block_ids[b, i] (its global block; orphans already folded in) and side key g at g:
-# the bias is the global table at bucket(g - block_ids[i]), clamped beyond +-max_distance like
-# every T5 bias, and row b has max(block_ids[b]) + 1 side keys. Every tile gathers its bias per
-# score (the query positions are not contiguous). Rows with block id -1 (padding, or no full
-# block at all) see no side key.
+# the bias is the global table at bucket(g - block_ids[i]), clamped beyond +-reach like
+# every T5 bias, and row b has max(block_ids[b]) + 1 side keys. A query tile's positions lie in
+# [min, max] of its block ids: side-key tiles beyond +-reach of both are far tiles (one
+# scalar bias, as in the dense kernel), the others gather their bias per score (the positions
+# are not contiguous). Rows with block id -1 (padding, or no full block at all) see no side key.
 
 
 @triton.jit
@@ -1008,7 +1016,7 @@ def _side_fwd_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_ib,
     num_heads, seqlen,
-    HAS_BIAS: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -1023,16 +1031,33 @@ def _side_fwd_kernel(
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=rmask[:, None], other=0.0)
     block_id = tl.load(BlockIds + b64 * stride_ib + offs_m, mask=rmask, other=-1).to(tl.int32)
+    q_pos = tl.maximum(block_id, 0)
     n_side = tl.load(SideLens + b64).to(tl.int32)
-    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
+    bias_row = BiasLUT + h64 * (2 * REACH + 1)
+    k_base = SK + b64 * stride_kb + h64 * stride_kh
+    v_base = SV + b64 * stride_vb + h64 * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, SK + b64 * stride_kb + h64 * stride_kh,
-                               SV + b64 * stride_vb + h64 * stride_vh, stride_kn, stride_vn, tl.maximum(block_id, 0),
-                               bias_row, bias_row, 0, 0.0, n_side, 0, tl.cdiv(n_side, BLOCK_N) * BLOCK_N, m0, 0,
-                               offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, False, MAX_DISTANCE, FP32_DOT,
-                               BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    # Side keys beyond +-REACH of every row's block get one scalar bias (far tiles, as in the
+    # dense kernel); the rows' positions span [min, max] of their block ids. Near and partial tiles
+    # gather theirs per score.
+    n_full = (n_side // BLOCK_N) * BLOCK_N
+    left_end, right_start = _far_bounds(tl.min(q_pos, 0), tl.max(q_pos, 0), n_full, REACH, BLOCK_N)
+    c_left = tl.load(bias_row) * LOG2E
+    c_right = tl.load(bias_row + 2 * REACH) * LOG2E
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, bias_row, 0,
+                               c_left, n_side, 0, left_end, m0, 0, offs_m, offs_n, offs_d, FAR, False, HAS_BIAS,
+                               False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, bias_row, 0,
+                               0.0, n_side, left_end, right_start, m0, 0, offs_m, offs_n, offs_d, NEAR_LUT, False,
+                               HAS_BIAS, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, bias_row, 0,
+                               c_right, n_side, right_start, n_full, m0, 0, offs_m, offs_n, offs_d, FAR, False,
+                               HAS_BIAS, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, bias_row, 0,
+                               0.0, n_side, n_full, tl.cdiv(n_side, BLOCK_N) * BLOCK_N, m0, 0, offs_m, offs_n, offs_d,
+                               NEAR_LUT, True, HAS_BIAS, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     empty = (l_i == 0.0) | (block_id < 0)
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
@@ -1049,8 +1074,9 @@ def _side_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_ib,
     stride_pb, stride_ph, stride_pm,
     num_heads, seqlen,
-    NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr, MAX_DISTANCE: tl.constexpr, FP32_DOT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr, FAR_LEFT_BUCKET: tl.constexpr, FAR_RIGHT_BUCKET: tl.constexpr,
+    REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dq [B, H, L, D] fp32 of the side keys and the global table's per-bucket dS sums per query tile.
     LSE is +inf on rows that see no side key, so they contribute nothing."""
@@ -1072,15 +1098,36 @@ def _side_dq_kernel(
     first = tl.maximum(tl.load(BlockIds + b64 * stride_ib + m0).to(tl.int32), 0)
     n_side = tl.load(SideLens + b64).to(tl.int32)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
-    bias_row = BiasLUT + h64 * (2 * MAX_DISTANCE + 1)
-    dq, acc_rows, acc_nb = _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, SK + b64 * stride_kb + h64 * stride_kh,
-                                     SV + b64 * stride_vb + h64 * stride_vh, stride_kn, stride_vn, q_pos, bias_row,
-                                     bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, n_side, 0,
+    bias_row = BiasLUT + h64 * (2 * REACH + 1)
+    k_base = SK + b64 * stride_kb + h64 * stride_kh
+    v_base = SV + b64 * stride_vb + h64 * stride_vh
+    # Far side keys as in the forward: one scalar bias, their dS row sums go to the far buckets.
+    n_full = (n_side // BLOCK_N) * BLOCK_N
+    left_end, right_start = _far_bounds(tl.min(q_pos, 0), tl.max(q_pos, 0), n_full, REACH, BLOCK_N)
+    c_left = tl.load(bias_row) * LOG2E
+    c_right = tl.load(bias_row + 2 * REACH) * LOG2E
+    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, c_left, n_side, 0,
+                                     left_end, first, 0, offs_m, offs_n, offs_d, nb_idx, FAR, False, True, False,
+                                     REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, n_side, left_end,
+                                     right_start, first, 0, offs_m, offs_n, offs_d, nb_idx, NEAR_LUT, False, True,
+                                     False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                      q_pos, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, c_right, n_side,
+                                      right_start, n_full, first, 0, offs_m, offs_n, offs_d, nb_idx, FAR, False, True,
+                                      False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, n_side, n_full,
                                      tl.cdiv(n_side, BLOCK_N) * BLOCK_N, first, 0, offs_m, offs_n, offs_d, nb_idx,
-                                     NEAR_LUT, True, True, False, MAX_DISTANCE, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1,
+                                     NEAR_LUT, True, True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1,
                                      0)
+    acc_nb += tl.where(nb_idx == FAR_LEFT_BUCKET, tl.sum(acc_left, 0), 0.0)
+    acc_nb += tl.where(nb_idx == FAR_RIGHT_BUCKET, tl.sum(acc_right, 0), 0.0)
     tl.store(DQ + ((b64 * num_heads + h64) * seqlen + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq,
              mask=rmask[:, None])
     tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, acc_nb,
@@ -1090,27 +1137,33 @@ def _side_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Tile configurations
 # ----------------------------------------------------------------------------------------------
-# Each kernel has one tile shape per (GPU family, precision) -- the near-tile bias blocks are
-# laid out for it -- and a small autotune over warps and pipeline stages (keyed on head dim,
-# dtype, mask flags and a power-of-two length bucket). The interpreter uses one small tile
-# (fast CPU tests that still have far, near and partial tiles). T5CORE_AUTOTUNE=0 takes the
-# first (warps, stages) pair.
+# Each kernel has one launch configuration per (GPU family, precision): its tile (the near-tile
+# bias blocks are laid out for it), warps, pipeline stages and, where it pays, a register cap
+# per thread (ptxas' maxnreg) that buys a block per SM (docs/kernels.md, "Where the bias
+# costs"). T5CORE_AUTOTUNE=1 adds a small autotune over further (warps, stages) pairs, keyed on
+# head dim, dtype, mask flags and a power-of-two length bucket. The interpreter uses one small
+# tile (fast CPU tests that still have far, near and partial tiles).
 
-_INTERPRET = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}  # unequal, like the GPU tiles
+_INTERPRET = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32), "side": (32, 16)}  # unequal, like the GPU's
+# (BLOCK_M, BLOCK_N, warps, stages[, maxnreg]). "side": the transient-global side-key and global-row
+# forward kernels, which launch with 4 warps and 2 stages (_launch_plain); only their tile is here.
 _TILES = {
-    "sm90": {"fwd": (64, 64), "dq": (64, 32), "dkdv": (32, 128)},  # best of the H200 sweep, docs/kernels.md
-    "sm80": {"fwd": (64, 64), "dq": (64, 32), "dkdv": (32, 128)},  # not measured on sm80/sm89: sane defaults
-    "fp32": {"fwd": (64, 32), "dq": (64, 32), "dkdv": (32, 64)},  # exact fp32 dots: more registers
+    # The H200 sweep (bench/results/sweep-2026-11-29-s5-occupancy.txt): a 128x64 forward capped at
+    # 128 registers holds 2 blocks per SM (1 uncapped) and beat 64x64 by 1-6%; dq capped at 128
+    # holds 4 blocks instead of 3 (+2% forward+backward at 4k).
+    "sm90": {"fwd": (128, 64, 8, 3, 128), "dq": (64, 32, 4, 3, 128), "dkdv": (32, 128, 4, 3), "side": (64, 64)},
+    "sm80": {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 128, 4, 3), "side": (64, 64)},  # unmeasured
+    "fp32": {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "side": (64, 32)},  # exact fp32 dots
 }
 # The sparse patterns (local, block) visit the tiles along a window or a block's edges, where
 # narrower tiles across the window compute fewer hidden scores: 64x32 forward, 32x64 dk/dv
-# (+15% / +9% for local, +7% / +5% for block at 128k on the H200; docs/kernels.md).
-_SPARSE_TILES = {"sm90": {"fwd": (64, 32), "dkdv": (32, 64)}}
-_WARPS_STAGES = {  # (warps, stages[, maxnreg]); the first is the default, the rest for T5CORE_AUTOTUNE=1
-    "sm90": {"fwd": [(4, 3), (8, 3), (4, 4), (4, 2)], "dq": [(4, 3), (8, 2), (4, 2), (8, 3)],
-             "dkdv": [(4, 3), (8, 2), (4, 2), (8, 3)]},
-    "sm80": {"fwd": [(4, 3), (8, 3), (4, 2)], "dq": [(4, 3), (8, 2), (4, 2)], "dkdv": [(4, 3), (8, 2), (4, 2)]},
-    "fp32": {"fwd": [(4, 2), (8, 2)], "dq": [(4, 2), (8, 2)], "dkdv": [(4, 2), (8, 2)]},
+# (+15% / +9% for local, +7% / +5% for block at 128k on the H200; docs/kernels.md). Their dq keeps
+# no register cap: capped, it spills 84-136 bytes with a pattern (unmeasured that way).
+_SPARSE_TILES = {"sm90": {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)}}
+_AUTOTUNE_MORE = {  # (warps, stages[, maxnreg]) pairs T5CORE_AUTOTUNE=1 tries after the default's
+    "sm90": {"fwd": [(4, 3), (8, 3), (4, 2, 128)], "dq": [(4, 3), (8, 2), (4, 2)], "dkdv": [(8, 2), (4, 2), (8, 3)]},
+    "sm80": {"fwd": [(8, 3), (4, 2)], "dq": [(8, 2), (4, 2)], "dkdv": [(8, 2), (4, 2)]},
+    "fp32": {"fwd": [(8, 2)], "dq": [(8, 2)], "dkdv": [(8, 2)]},
 }
 
 
@@ -1125,15 +1178,26 @@ def _capability_major(device: int) -> int:
     return torch.cuda.get_device_capability(device)[0] if device >= 0 else 8
 
 
-def tile(kind: str, fp32: bool, sparse: bool = False) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of a kernel: queries x keys per tile; `sparse`: a local or block pattern."""
+def launch_config(kind: str, fp32: bool, sparse: bool = False) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, warps, stages[, maxnreg]) of a kernel; `sparse`: a local or block pattern.
+    Under the interpreter, or for "side", only the tile."""
     if _interpreting():
         return _INTERPRET[kind]
     override = _tile_override(kind)
     if override:
-        return override[0], override[1]
+        return override if len(override) >= 4 else (*override, *_default_config(kind, fp32, sparse)[2:])
+    return _default_config(kind, fp32, sparse)
+
+
+def _default_config(kind: str, fp32: bool, sparse: bool) -> tuple[int, ...]:
     family = _family(fp32)
     return _SPARSE_TILES.get(family, {}).get(kind, _TILES[family][kind]) if sparse else _TILES[family][kind]
+
+
+def tile(kind: str, fp32: bool, sparse: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a kernel: queries x keys per tile; `sparse`: a local or block pattern."""
+    block_m, block_n = launch_config(kind, fp32, sparse)[:2]
+    return block_m, block_n
 
 
 def _tile_override(kind: str):
@@ -1149,8 +1213,8 @@ def _near_interior() -> int:
 
 
 def _autotune_enabled() -> bool:
-    # Off by default: the first (warps, stages) pair is the measured best on the H200;
-    # T5CORE_AUTOTUNE=1 tunes among the listed pairs per length bucket.
+    # Off by default: the default configs are the measured best on the H200;
+    # T5CORE_AUTOTUNE=1 tunes among them and _AUTOTUNE_MORE per length bucket.
     return os.environ.get("T5CORE_AUTOTUNE", "0") == "1"
 
 
@@ -1165,34 +1229,31 @@ def _launch_options(config: tuple) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, family: str):
-    configs = [triton.Config({}, **_launch_options(config)) for config in _WARPS_STAGES[family][kind]]
+def _tuned(kind: str, family: str, default: tuple):
+    configs = [triton.Config({}, **_launch_options(config)) for config in [default, *_AUTOTUNE_MORE[family][kind]]]
     return triton.autotune(configs, key=_TUNE_KEY)(_KERNELS[kind])
 
 
-def _launch(kind: str, grid: tuple, fp32: bool, *args, **kwargs):
-    """Launch one kernel: fixed small launch under the interpreter, else autotuned warps/stages."""
+def _launch(kind: str, grid: tuple, fp32: bool, *args, sparse: bool = False, **kwargs):
+    """Launch one kernel with its launch_config (fixed small launch under the interpreter); with
+    T5CORE_AUTOTUNE=1, autotuned among that config's and _AUTOTUNE_MORE's warps/stages."""
     kernel = _KERNELS[kind]
     if _interpreting():
         kernel[grid](*args, **kwargs)
         return
+    options = launch_config(kind, fp32, sparse)[2:]
+    if _tile_override(kind) or not _autotune_enabled():
+        kernel[grid](*args, **_launch_options(options), **kwargs)
+        return
     family = _family(fp32)
-    override = _tile_override(kind)
-    if override and len(override) >= 4:
-        kernel[grid](*args, **_launch_options(override[2:]), **kwargs)
-        return
-    if not _autotune_enabled():
-        kernel[grid](*args, **_launch_options(_WARPS_STAGES[family][kind][0]), **kwargs)
-        return
-    _TUNED_USED.add((kind, family))
-    _tuned(kind, family)[grid](*args, **kwargs)
+    _TUNED_USED.add((kind, family, options))
+    _tuned(kind, family, options)[grid](*args, **kwargs)
 
 
 def best_configs() -> dict:
     """The autotuner's choices so far, for benchmark reports: {kernel/family: {key: config}}."""
-    return {f"{kind}/{family}": {str(key): str(cfg) for key, cfg in _tuned(kind, family).cache.items()}
-            for kind in _KERNELS for family in _WARPS_STAGES if _autotune_enabled()
-            and _tuned.cache_info().currsize and (kind, family) in _TUNED_USED}
+    return {f"{kind}/{family}/{'x'.join(map(str, options))}": {str(key): str(cfg) for key, cfg in _tuned(kind, family, options).cache.items()}
+            for kind, family, options in sorted(_TUNED_USED)} if _autotune_enabled() else {}
 
 
 _TUNED_USED: set = set()
@@ -1208,8 +1269,9 @@ def _tune_len(n: int) -> int:
 
 
 class _BucketTables(NamedTuple):
-    lut: torch.Tensor  # int32 [2 * max_distance + 1]: bucket of rel = i - max_distance
-    seg_lut: torch.Tensor  # int32 [2 * max_distance + 1]: index of the run of equal buckets holding rel
+    reach: int  # bucket_reach: the buckets are constant beyond +-reach, and the tables below span it
+    lut: torch.Tensor  # int32 [2 * reach + 1]: bucket of rel = i - reach
+    seg_lut: torch.Tensor  # int32 [2 * reach + 1]: index of the run of equal buckets holding rel
     seg_start: torch.Tensor  # int32 [n_seg]: first rel of each run (run 0 starts at -infinity)
     seg_bucket: torch.Tensor  # int32 [n_seg]: bucket of each run
     far_left: int
@@ -1218,28 +1280,30 @@ class _BucketTables(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def _bucket_tables(bidirectional: bool, num_buckets: int, max_distance: int, device: torch.device) -> _BucketTables:
-    lut = bucket_lut(bidirectional, num_buckets, max_distance)
+    reach = bucket_reach(bidirectional, num_buckets, max_distance)
+    lut = bucket_lut(bidirectional, num_buckets, max_distance)[max_distance - reach:max_distance + reach + 1]
     starts = [0] + [i for i in range(1, lut.numel()) if lut[i] != lut[i - 1]]  # indices where a run begins
     seg_lut = torch.zeros_like(lut)
     for seg, i in enumerate(starts):
         seg_lut[i:] = seg
-    seg_start = torch.tensor([-(1 << 30)] + [i - max_distance for i in starts[1:]], dtype=torch.int32)
+    seg_start = torch.tensor([-(1 << 30)] + [i - reach for i in starts[1:]], dtype=torch.int32)
     seg_bucket = lut[starts].to(torch.int32)
     left, right = far_buckets(bidirectional, num_buckets, max_distance)
-    return _BucketTables(lut.to(device), seg_lut.to(device), seg_start.to(device), seg_bucket.to(device), left, right)
+    return _BucketTables(reach, lut.to(device), seg_lut.to(device), seg_start.to(device), seg_bucket.to(device),
+                         left, right)
 
 
-def _bias_inputs(table: torch.Tensor, bucket_lut_: torch.Tensor, max_distance: int,
+def _bias_inputs(table: torch.Tensor, bucket_lut_: torch.Tensor, reach: int,
                  tiles: list[tuple[int, int, bool]], q_offset: int, window: int = -1):
     """The bias inputs of the kernels, straight from the [num_buckets, H] table in one launch per tile shape.
 
-    Returns (bias_lut, [(blocks, c_first, n_blocks) per tile]): bias_lut [H, 2 * max_distance + 1]
+    Returns (bias_lut, [(blocks, c_first, n_blocks) per tile]): bias_lut [H, 2 * reach + 1]
     fp32 is table[bucket(rel), h] for every rel; blocks [H, n, R, C] (the table's dtype if
     16-bit, else fp32) are the bias blocks for tiles of (rows queries, cols keys, transposed):
     those of near tiles (near_c_range), or with window >= 0 those of every tile of the `local`
     pattern, -inf outside the window (window_c_range)."""
     heads = table.shape[1]
-    bias_lut = torch.empty((heads, 2 * max_distance + 1), dtype=torch.float32, device=table.device)
+    bias_lut = torch.empty((heads, 2 * reach + 1), dtype=torch.float32, device=table.device)
     # A bf16/fp16 table's values (and -inf) are exact in its own dtype: its blocks take half the
     # bytes of fp32 ones, and near tiles read one per tile.
     block_dtype = table.dtype if table.dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -1248,14 +1312,14 @@ def _bias_inputs(table: torch.Tensor, bucket_lut_: torch.Tensor, max_distance: i
         if window >= 0:
             c_first, n_blocks = window_c_range(window, rows, cols)
         else:
-            c_first, n_blocks = near_c_range(max_distance, rows, cols, q_offset)
+            c_first, n_blocks = near_c_range(reach, rows, cols, q_offset)
         shape = (cols, rows) if transposed else (rows, cols)
         blocks = torch.empty((heads, n_blocks, *shape), dtype=block_dtype, device=table.device)
         write_lut = i == 0
         _bias_blocks_kernel[(n_blocks + write_lut, heads)](
             table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, blocks, c_first, n_blocks,
-            MAX_DISTANCE=max_distance, ROWS=shape[0], COLS=shape[1], STEP=min(rows, cols), TRANSPOSED=transposed,
-            WRITE_LUT=write_lut, LUT_POW2=triton.next_power_of_2(2 * max_distance + 1), WINDOW=window)
+            REACH=reach, ROWS=shape[0], COLS=shape[1], STEP=min(rows, cols), TRANSPOSED=transposed,
+            WRITE_LUT=write_lut, LUT_POW2=triton.next_power_of_2(2 * reach + 1), WINDOW=window)
         made.append((blocks, c_first, n_blocks))
     return bias_lut, made
 
@@ -1375,6 +1439,8 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
             bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN):
     """Returns (out, lse). lse is the base-2 logsumexp per row (+inf for rows with no key)."""
     _check(q, k, v, table, num_buckets, max_distance)
+    tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
+    reach = tables.reach  # the kernels' near band: the buckets are constant beyond +-reach
     _check_pattern(pattern, q, k, causal, q_offset, cu_seqlens_q is not None)
     if q_offset < 0:
         raise ValueError(f"q_offset must be >= 0, got {q_offset}")
@@ -1387,9 +1453,8 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     block_m, block_n = tile("fwd", fp32, sparse=pattern.kind != 0)
     table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     if table is not None:
-        tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
-        bias_lut, [(blocks, c_first, n_blocks)] = _bias_inputs(table, tables.lut, max_distance,
-                                                               [(block_m, block_n, False)], q_offset, window)
+        bias_lut, [(blocks, c_first, n_blocks)] = _bias_inputs(table, tables.lut, reach, [(block_m, block_n, False)],
+                                                               q_offset, window)
     else:
         bias_lut = blocks = _dummy(q.device, torch.float32)
         c_first, n_blocks = 0, 0
@@ -1401,18 +1466,21 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out), *lay.lse_strides(lse),
         lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, c_first, n_blocks,
         _tune_len(max(lay.seqlen_q, lay.seqlen_k)),
-        HAS_BIAS=table is not None, MAX_DISTANCE=max_distance, CAUSAL=causal,
+        HAS_BIAS=table is not None, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, NEAR_INTERIOR=_near_interior(), **pattern.constexprs(),
+        sparse=pattern.kind != 0,
     )
     if pattern.kind == 2 and pattern.num_global > 0:
-        _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, table is not None, max_distance, pattern, fp32)
+        _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, table is not None, reach, pattern, fp32)
     return out, lse
 
 
 def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN):
     """Returns (dq, dk, dv, dtable); dtable is an empty tensor when table is None."""
+    tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
+    reach = tables.reach
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
     do = _last_dim_contiguous(do)  # the kernels read it through its strides (stride 0 too)
     lay = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -1437,8 +1505,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     dq_m, dq_n = tile("dq", fp32, sparse=pattern.kind != 0)
     kv_m, kv_n = tile("dkdv", fp32, sparse=pattern.kind != 0)
     if has_bias:
-        tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
-        bias_lut, made = _bias_inputs(table, tables.lut, max_distance, [(dq_m, dq_n, False), (kv_m, kv_n, True)],
+        bias_lut, made = _bias_inputs(table, tables.lut, reach, [(dq_m, dq_n, False), (kv_m, kv_n, True)],
                                       q_offset, window)
         (dq_blocks, dq_c_first, dq_n_blocks), (kv_blocks, kv_c_first, kv_n_blocks) = made
         seg = (tables.seg_lut, tables.seg_start, tables.seg_bucket)
@@ -1462,9 +1529,10 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         *lay.lse_strides(lse), parts.stride(0), parts.stride(1), parts.stride(2),
         lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, dq_c_first, dq_n_blocks, tune_len,
         HAS_BIAS=has_bias, NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets),
-        FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, MAX_DISTANCE=max_distance, CAUSAL=causal,
+        FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=dq_m, BLOCK_N=dq_n, NEAR_INTERIOR=_near_interior(), **pattern.constexprs(),
+        sparse=pattern.kind != 0,
     )
     _launch(
         "dkdv", (triton.cdiv(lay.seqlen_k, kv_n), bh), fp32,
@@ -1472,14 +1540,15 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dk),
         *lay.strides(dv), *lay.lse_strides(lse),
         lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, kv_c_first, kv_n_blocks, tune_len,
-        HAS_BIAS=has_bias, MAX_DISTANCE=max_distance, CAUSAL=causal,
+        HAS_BIAS=has_bias, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=kv_m, BLOCK_N=kv_n, **pattern.constexprs(),
+        sparse=pattern.kind != 0,
     )
     global_dtable = 0.0
     if pattern.kind == 2 and pattern.num_global > 0:
         global_dtable = _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_lengths, has_bias,
-                                         num_buckets, max_distance, pattern, fp32)
+                                         num_buckets, reach, pattern, fp32)
     if wants_dtable:
         # Deterministic: fixed-order torch sums over (batch, query block) partials.
         dtable = (parts.sum(dim=(0, 2)) + global_dtable).t().to(table.dtype).contiguous()
@@ -1514,10 +1583,10 @@ def _real_rows(key_lengths, batch: int, heads: int, rows: int, device) -> torch.
     return real[:, None, :].expand(batch, heads, rows).reshape(batch * heads, rows)
 
 
-def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, max_distance, pattern, fp32):
+def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, reach, pattern, fp32):
     """Out and lse of the query tiles holding the global rows: split over keys, merged in torch."""
     batch, heads, length, dim = q.shape
-    block_m, block_n = tile("fwd", fp32)
+    block_m, block_n = tile("side", fp32)
     n_tiles = triton.cdiv(min(pattern.num_global, length), block_m)
     rows = n_tiles * block_m
     chunk = _global_chunk(length, block_n)
@@ -1530,7 +1599,7 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, max
         q, k, v, part_m, part_l, part_acc, bias_lut, key_lengths if key_lengths is not None else _dummy(q.device),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), heads, length, chunk, rows,
-        HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, MAX_DISTANCE=max_distance, FP32_DOT=fp32,
+        HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, SBLOCK=pattern.block_size, NUM_GLOBAL=pattern.num_global,
     )
     # Merge the chunks' softmax states (base 2); a chunk with no visible key has m = -inf, l = 0.
@@ -1547,7 +1616,7 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, max
     lse[:, :, :real] = merged_lse.view(batch, heads, rows)[:, :, :real]
 
 
-def _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, q_pos, first_keys, has_bias, max_distance,
+def _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, q_pos, first_keys, has_bias, reach,
                 pattern: Pattern):
     """dk, dv (fp32) of the key tiles holding the first `first_keys` keys, over every query, the
     query axis split into chunks (_split_dkdv_kernel) and summed: [B, H, min(tiles' keys, Lk), D].
@@ -1568,7 +1637,7 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, q_pos, first_key
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
         q_pos_arg.stride(0) if q_pos is not None else 0, heads, length, k.shape[2], chunk, cols,
-        HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, MAX_DISTANCE=max_distance, FP32_DOT=fp32,
+        HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PATTERN=pattern.kind, SBLOCK=pattern.block_size,
         NUM_GLOBAL=pattern.num_global, Q_POS_TENSOR=q_pos is not None,
     )
@@ -1578,7 +1647,7 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, q_pos, first_key
 
 
 def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_lengths, has_bias, num_buckets,
-                     max_distance, pattern, fp32):
+                     reach, pattern, fp32):
     """dq of the global rows' tiles and dk, dv of the global keys' tiles, split and summed; returns
     their per-bucket dS sums [H, num_buckets] (zeros without a bias)."""
     batch, heads, length, dim = q.shape
@@ -1586,7 +1655,7 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_len
     keylens = key_lengths if key_lengths is not None else _dummy(q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
-    common = dict(HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, MAX_DISTANCE=max_distance, FP32_DOT=fp32,
+    common = dict(HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
                   HEAD_DIM=dim, SBLOCK=pattern.block_size, NUM_GLOBAL=pattern.num_global)
     n_global = min(pattern.num_global, length)
 
@@ -1606,7 +1675,7 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_len
     dq[:, :, :real] = part_dq.sum(0).view(batch, heads, rows, dim)[:, :, :real].to(dq.dtype)
 
     part_dk, part_dv = _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, None, n_global, has_bias,
-                                   max_distance, pattern)
+                                   reach, pattern)
     real = part_dk.shape[2]
     dk[:, :, :real] = part_dk.to(dk.dtype)
     dv[:, :, :real] = part_dv.to(dv.dtype)
@@ -1631,19 +1700,20 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return out, torch.where(keep, top + torch.log2(safe), float("inf"))
 
 
-def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths, max_distance):
+def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths):
     """Side attention of transient-global: (out [B, H, L, D], base-2 lse [B, H, L]).
 
-    side_k, side_v [B, H, G, D]; side_lut [H, 2 * max_distance + 1] fp32: the global table at
-    bucket(rel) for rel in +-max_distance (constant beyond); block_ids [B, L] ints (-1: none);
+    side_k, side_v [B, H, G, D]; side_lut [H, 2 * reach + 1] fp32 (`side_lut`): the global table at
+    bucket(rel) for rel in +-reach (constant beyond); block_ids [B, L] ints (-1: none);
     side_lengths [B] ints: side keys of each row."""
-    _check(q, side_k, side_v, None, 32, max_distance)
+    reach = (side_lut.shape[-1] - 1) // 2
+    _check(q, side_k, side_v, None, 32, reach)
     q, side_k, side_v = (_last_dim_contiguous(x) for x in (q, side_k, side_v))
     batch, heads, length, dim = q.shape
     out = _new(q.shape, q.dtype, q.device)
     lse = _new((batch, heads, length), torch.float32, q.device)
     fp32 = q.dtype == torch.float32
-    block_m, block_n = tile("fwd", fp32)
+    block_m, block_n = tile("side", fp32)
     block_ids = block_ids.contiguous()
     _launch_plain(
         _side_fwd_kernel, (triton.cdiv(length, block_m), batch * heads),
@@ -1651,13 +1721,14 @@ def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths, max_dista
         q.stride(0), q.stride(1), q.stride(2), side_k.stride(0), side_k.stride(1), side_k.stride(2),
         side_v.stride(0), side_v.stride(1), side_v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), block_ids.stride(0), heads, length,
-        HAS_BIAS=True, MAX_DISTANCE=max_distance, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_BIAS=True, REACH=reach, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out, lse
 
 
 def side_lut(table: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """[H, 2 * max_distance + 1] fp32: the (global) table at the bidirectional bucket of every rel."""
+    """[H, 2 * reach + 1] fp32: the (global) table at the bidirectional bucket of every rel in +-reach
+    (bucket_reach: constant beyond)."""
     return table.float()[_bucket_tables(True, num_buckets, max_distance, table.device).lut.long()].t().contiguous()
 
 
@@ -1686,12 +1757,13 @@ def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_length
         _side_dq_kernel, (n_tiles, batch * heads),
         q, side_k, side_v, do, lse, delta, dq, parts, block_ids, side_lengths, lut, tables.seg_lut, tables.seg_start,
         tables.seg_bucket, *strides, parts.stride(0), parts.stride(1), parts.stride(2), heads, length,
-        NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets), MAX_DISTANCE=max_distance,
-        FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets), FAR_LEFT_BUCKET=tables.far_left,
+        FAR_RIGHT_BUCKET=tables.far_right, REACH=tables.reach, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m,
+        BLOCK_N=block_n,
     )
 
     d_side_k, d_side_v = _split_dkdv(q, side_k, side_v, do, lse, delta, lut, side_lengths, block_ids,
-                                     side_k.shape[2], True, max_distance, DENSE_PATTERN)
+                                     side_k.shape[2], True, tables.reach, DENSE_PATTERN)
     d_side_k, d_side_v = d_side_k.to(side_k.dtype), d_side_v.to(side_v.dtype)
     d_table = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     return dq, d_side_k, d_side_v, d_table

@@ -184,7 +184,7 @@ class _TransientGlobal(torch.autograd.Function):
         side_lengths = (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)
         if side_k.shape[2] > 0:
             lut = flash.side_lut(global_table, num_buckets, max_distance)
-            side_out, side_lse = flash.side_forward(q, side_k, side_v, lut, block_ids, side_lengths, max_distance)
+            side_out, side_lse = flash.side_forward(q, side_k, side_v, lut, block_ids, side_lengths)
             out, lse = flash.merge_attention(out, lse, side_out, side_lse)
         ctx.save_for_backward(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, side_lengths,
                               out, lse)

@@ -273,7 +273,7 @@ def sparse_main(args):
                     row["status"] = "OOM"
                 except Exception as err:  # one failing mode must not stop the run
                     row["status"] = f"error: {type(err).__name__}: {str(err)[:200]}"
-                    traceback.print_exc(limit=3)
+                    traceback.print_exc()
                 finally:
                     q = k = v = table = fn = grad = side_k = side_v = global_table = None
                     torch.cuda.empty_cache()
@@ -376,7 +376,7 @@ def main():
                         row["status"] = str(err)
                     except Exception as err:  # one failing peer must not stop the run
                         row["status"] = f"error: {type(err).__name__}: {str(err)[:200]}"
-                        traceback.print_exc(limit=3)
+                        traceback.print_exc()
                     finally:
                         q = k = v = table = fn = None
                         torch.cuda.empty_cache()

@@ -5,9 +5,9 @@
 Each variant sets T5CORE_* environment knobs (read by kernels/flash.py at every call):
 T5CORE_TILE_{FWD,DQ,DKDV}=BMxBN[xWARPSxSTAGES[xMAXNREG]], T5CORE_NEAR=block|lut. Prints forward and
 forward+backward TFLOP/s (fwd 4BHL^2D, fwd+bwd 2.5x) for bf16, H=12, D=64, B*L=16k.
---defaults times the default tiles with a float32 and a bfloat16 bias table, one larger
-forward tile, the 4-blocks-per-SM forward and dq (register cap), and no bias (an A/B of
-versions of the kernels: run it once per tree).
+--defaults times the default tiles with a float32 and a bfloat16 bias table, the defaults
+before the fifth session (64x64 forward, uncapped dq), and no bias (an A/B of versions of the
+kernels: run it once per tree).
 --pattern local|block sweeps the sparse patterns instead (radius 127; blocks of 512 with 16
 global tokens), batch 1, reporting TFLOP/s of the visible scores only (4·H·visible·D per
 forward), so the figures compare with dense ones as throughput per visible score.
@@ -20,35 +20,31 @@ import torch
 import triton
 from bench_attention import SPARSE_PARAMS, visible_scores  # tools/ is on the path when run as a script
 
-FWD_VARIANTS = [
-    dict(T5CORE_TILE_FWD="64x64x4x3"),
-    dict(T5CORE_TILE_FWD="64x64x4x4"),
-    dict(T5CORE_TILE_FWD="64x128x4x3"),
-    dict(T5CORE_TILE_FWD="128x64x8x3"),
-    dict(T5CORE_TILE_FWD="128x64x8x2"),
-    dict(T5CORE_TILE_FWD="128x128x8x2"),
-    dict(T5CORE_TILE_FWD="128x64x4x3"),
+FWD_VARIANTS = [  # the default first (kernels/flash.py: _TILES)
+    dict(T5CORE_TILE_FWD="128x64x8x3x128"),  # 2 blocks per SM: 119-126 registers, 80 KB (1 uncapped)
+    dict(T5CORE_TILE_FWD="128x64x8x3x128", T5CORE_NEAR="lut"),  # near bias gathered, no block loads
+    dict(T5CORE_TILE_FWD="128x64x8x4x128"),
+    dict(T5CORE_TILE_FWD="128x64x8x2x128"),
+    dict(T5CORE_TILE_FWD="128x32x4x3x128"),
+    dict(T5CORE_TILE_FWD="128x32x4x3"),
+    dict(T5CORE_TILE_FWD="64x64x4x3"),  # the default until the fifth session
+    dict(T5CORE_TILE_FWD="64x64x4x2x128"),  # 4 blocks per SM
+    dict(T5CORE_TILE_FWD="64x64x4x2", T5CORE_NEAR="lut"),  # 4 blocks per SM: 128 registers, 42 KB
     dict(T5CORE_TILE_FWD="128x64x8x3", buckets="none"),  # no bias at all: the base kernel's speed
-    # Occupancy (tools/compile_check.py): with the bias, 64x64x4x3 holds 140-168 registers and 64 KB
-    # of shared memory, 3 blocks per SM, where the kernel without it gets 4; two stages (48 KB) and
-    # a 128-register cap allow 4 with no spill.
-    dict(T5CORE_TILE_FWD="64x64x4x2x128"),
-    dict(T5CORE_TILE_FWD="64x64x4x2"),
-    dict(T5CORE_TILE_FWD="128x64x8x3x128"),  # 1 block per SM with the bias (153 registers), 2 capped (as without)
-    dict(T5CORE_TILE_FWD="64x64x4x2", T5CORE_NEAR="lut"),  # gathered near bias: 128 registers, 42 KB, 4 blocks
+    dict(T5CORE_TILE_FWD="128x64x8x3x128", buckets="none"),
 ]
-BWD_VARIANTS = [  # one kernel's tile varied at a time, the other at its default
-    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
-    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
-    dict(T5CORE_TILE_DQ="128x64x8x2", T5CORE_TILE_DKDV="32x128x4x3"),
-    dict(T5CORE_TILE_DQ="128x32x8x3", T5CORE_TILE_DKDV="32x128x4x3"),
-    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="64x128x8x3"),
-    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="64x128x8x2"),
-    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="32x64x4x3"),
-    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="64x64x4x3"),
-    dict(T5CORE_TILE_DQ="64x32x4x3x128", T5CORE_TILE_DKDV="32x128x4x3"),  # dq: 4 blocks per SM instead of 3
+BWD_VARIANTS = [  # one kernel's tile varied at a time, the other at its default (the first row)
+    dict(T5CORE_TILE_DQ="64x32x4x3x128", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="32x128x4x3"),  # 3 blocks per SM, no cap
     dict(T5CORE_TILE_DQ="64x32x4x2x128", T5CORE_TILE_DKDV="32x128x4x3"),
-    dict(T5CORE_TILE_DQ="64x32x4x3", T5CORE_TILE_DKDV="32x64x4x3x128"),  # 4 blocks instead of 2-3, 50-150 B spill
+    dict(T5CORE_TILE_DQ="64x64x4x3x128", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="64x64x4x3", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="128x64x8x3x128", T5CORE_TILE_DKDV="32x128x4x3"),
+    dict(T5CORE_TILE_DQ="64x32x4x3x128", T5CORE_TILE_DKDV="32x128x4x2"),
+    dict(T5CORE_TILE_DQ="64x32x4x3x128", T5CORE_TILE_DKDV="32x64x4x3"),
+    dict(T5CORE_TILE_DQ="64x32x4x3x128", T5CORE_TILE_DKDV="32x64x4x3x128"),
+    dict(T5CORE_TILE_DQ="64x32x4x3x128", T5CORE_TILE_DKDV="64x64x4x3x128"),
+    dict(T5CORE_TILE_DQ="64x32x4x3x128", T5CORE_TILE_DKDV="64x128x8x3x128"),
 ]
 
 
@@ -58,8 +54,8 @@ SPARSE_FWD_VARIANTS = FWD_VARIANTS + [  # a 64-row local tile computes 320 key c
     dict(T5CORE_TILE_FWD="64x32x4x3"),
     dict(T5CORE_TILE_FWD="64x32x4x3x128"),  # block's forward: 139 registers, 3 blocks per SM; capped 4
 ]
-DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(T5CORE_TILE_FWD="128x64x8x3", table="bfloat16"),
-                    dict(T5CORE_TILE_FWD="64x64x4x2x128", T5CORE_TILE_DQ="64x32x4x3x128"), dict(buckets="none")]
+DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(T5CORE_TILE_FWD="64x64x4x3", T5CORE_TILE_DQ="64x32x4x3"),
+                    dict(buckets="none")]
 
 
 def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):

@@ -97,6 +97,24 @@ def test_bucket_is_constant_beyond_max_distance(num_buckets, max_distance, bidir
     assert torch.equal(lut.long()[clamped], buckets)
 
 
+@pytest.mark.parametrize("num_buckets,max_distance", BUCKET_CONFIGS + [(16, 24), (8, 8)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_bucket_reach_is_where_the_buckets_stop_changing(num_buckets, max_distance, bidirectional):
+    # The kernels treat every tile beyond +-reach as far (one scalar bias): exact only if no bucket
+    # changes beyond it; and the reach is the least such distance (else near tiles are wasted).
+    reach = bucket_mod.bucket_reach(bidirectional, num_buckets, max_distance)
+    rel = torch.arange(-4 * max_distance, 4 * max_distance + 1)
+    buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    left, right = bucket_mod.far_buckets(bidirectional, num_buckets, max_distance)
+    assert 1 <= reach <= max_distance
+    assert (buckets[rel <= -reach] == left).all() and (buckets[rel >= reach] == right).all()
+    if reach > 1:
+        inside = buckets[(rel == 1 - reach) | (rel == reach - 1)]
+        assert inside[0] != left or inside[1] != right
+    if (num_buckets, max_distance) == (32, 128):  # every T5 size: the log buckets saturate early
+        assert reach == (91 if bidirectional else 113)
+
+
 # ---- fixed-length attention -------------------------------------------------------------------
 
 
@@ -264,13 +282,31 @@ def test_bf16_table_gives_bf16_bias_blocks_with_exact_values(monkeypatch):
 
 
 def test_autotuned_launchers_are_built_once_with_the_listed_configs(monkeypatch):
-    # T5CORE_AUTOTUNE=1 (GPU only): one autotuner per kernel and family, else every call re-tunes.
-    monkeypatch.setitem(flash_mod._WARPS_STAGES["sm90"], "fwd", [(4, 3), (4, 2, 128)])
+    # T5CORE_AUTOTUNE=1 (GPU only): one autotuner per kernel, family and default config, else
+    # every call re-tunes; the default config first, then _AUTOTUNE_MORE's.
+    monkeypatch.setitem(flash_mod._AUTOTUNE_MORE["sm90"], "fwd", [(4, 3), (4, 2, 128)])
     flash_mod._tuned.cache_clear()
     try:
-        tuner = flash_mod._tuned("fwd", "sm90")
-        assert flash_mod._tuned("fwd", "sm90") is tuner
+        tuner = flash_mod._tuned("fwd", "sm90", (8, 3, 128))
+        assert flash_mod._tuned("fwd", "sm90", (8, 3, 128)) is tuner
         got = [(c.num_warps, c.num_stages, c.maxnreg) for c in tuner.configs]
-        assert got == [(4, 3, None), (4, 2, 128)]
+        assert got == [(8, 3, 128), (4, 3, None), (4, 2, 128)]
     finally:
         flash_mod._tuned.cache_clear()
+
+
+def test_launch_configs_per_pattern_and_the_tile_override(monkeypatch):
+    # A sparse pattern takes its own tile *and* warps (the dense forward's 8 warps would be wrong for
+    # its 64x32 tile); a tile-only override keeps the default launch options; a full one replaces them.
+    monkeypatch.setattr(flash_mod, "_interpreting", lambda: False)
+    monkeypatch.setattr(flash_mod, "_family", lambda fp32: "fp32" if fp32 else "sm90")
+    monkeypatch.delenv("T5CORE_TILE_FWD", raising=False)
+    dense, sparse = flash_mod.launch_config("fwd", False), flash_mod.launch_config("fwd", False, sparse=True)
+    assert dense == flash_mod._TILES["sm90"]["fwd"] and sparse == flash_mod._SPARSE_TILES["sm90"]["fwd"]
+    assert dense[2:] != sparse[2:]
+    assert flash_mod.launch_config("side", False, sparse=True) == flash_mod._TILES["sm90"]["side"]  # no sparse entry
+    monkeypatch.setenv("T5CORE_TILE_FWD", "64x32")
+    assert flash_mod.launch_config("fwd", False, sparse=True) == (64, 32, *sparse[2:])
+    assert flash_mod.launch_config("fwd", False) == (64, 32, *dense[2:])
+    monkeypatch.setenv("T5CORE_TILE_FWD", "64x64x4x2x128")
+    assert flash_mod.launch_config("fwd", False) == (64, 64, 4, 2, 128)
