@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_PEERS = ["t5core", "t5core_nobias", "sdpa", "sdpa_bias", "flex_bucket", "flex_bias", "hf_eager"]
+ALL_PEERS = ["t5core", "t5core_bf16_table", "t5core_nobias", "sdpa", "sdpa_bias", "flex_bucket", "flex_bias", "hf_eager"]
 
 
 # The sparse patterns' parameters of every sparse benchmark and profile (sweep_tiles.py and
@@ -88,6 +88,13 @@ def make_peer(name, q, k, v, table, causal, L, num_buckets=32, max_distance=128)
             table = torch.randn(num_buckets, H, device=q.device, requires_grad=q.requires_grad)
         return lambda: flash_attention(q, k, v, table, bidirectional=bidirectional, causal=causal,
                                        num_buckets=num_buckets, max_distance=max_distance)
+    if name == "t5core_bf16_table":  # the table a bf16 model holds: 16-bit near-tile bias blocks
+        table16 = table.detach().to(torch.bfloat16).requires_grad_(table.requires_grad)
+
+        def fn():
+            return flash_attention(q, k, v, table16, bidirectional=bidirectional, causal=causal)
+        fn.leaves = [q, k, v, table16]  # the leaves whose .grad the timing resets
+        return fn
     if name == "t5core_nobias":  # the same kernel with no bias at all: its far-tile-only speed
         return lambda: flash_attention(q, k, v, None, causal=causal)
     if name == "sdpa":
@@ -368,7 +375,7 @@ def main():
                         table = (torch.randn(32, H, device="cuda") * 3).to(getattr(torch, args.table_dtype))
                         table.requires_grad_(need_grad)
                         fn = make_peer(name, q, k, v, table, args.causal, L, args.num_buckets, args.max_distance)
-                        ms, peak = measure(fn, mode, [q, k, v, table])
+                        ms, peak = measure(fn, mode, getattr(fn, "leaves", [q, k, v, table]))
                         row.update(status="ok", ms=ms, tflops=flops / ms / 1e9, peak_extra_mb=peak / 2**20)
                     except torch.cuda.OutOfMemoryError:
                         row["status"] = "OOM"
@@ -392,11 +399,10 @@ def main():
     ratios = []
     for L in sorted({r["L"] for r in results}):
         for mode in modes:
-            ours = tflops("t5core", mode, L)
             entry = dict(L=L, mode=mode)
-            for peer in ("sdpa", "flex_bucket"):
-                theirs = tflops(peer, mode, L)
-                entry[f"t5core/{peer}"] = ours / theirs if ours and theirs else None
+            for ours, peer in (("t5core", "sdpa"), ("t5core_bf16_table", "sdpa"), ("t5core", "flex_bucket")):
+                mine, theirs = tflops(ours, mode, L), tflops(peer, mode, L)
+                entry[f"{ours}/{peer}"] = mine / theirs if mine and theirs else None
             ratios.append(entry)
 
     props = torch.cuda.get_device_properties(0)
