@@ -1203,8 +1203,18 @@ def tile(kind: str, fp32: bool, sparse: bool = False) -> tuple[int, int]:
 def _tile_override(kind: str):
     """Tuning runs: T5CORE_TILE_FWD=128x64 (tile), 128x64x8x3 (tile, warps, stages) or
     64x64x4x2x128 (and a register cap per thread, ptxas' maxnreg: occupancy, docs/kernels.md)."""
-    value = os.environ.get(f"T5CORE_TILE_{kind.upper()}")
-    return tuple(int(x) for x in value.lower().split("x")) if value else None
+    name = f"T5CORE_TILE_{kind.upper()}"
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        config = tuple(int(x) for x in value.lower().split("x"))
+    except ValueError:
+        config = ()
+    if len(config) not in (2, 4, 5):
+        raise ValueError(f"{name}={value!r}: expected BMxBN, BMxBNxWARPSxSTAGES or BMxBNxWARPSxSTAGESxMAXNREG "
+                         "(integers, e.g. 128x64x8x3x128); unset it for the default tile")
+    return config
 
 
 def _near_interior() -> int:

@@ -310,3 +310,7 @@ def test_launch_configs_per_pattern_and_the_tile_override(monkeypatch):
     assert flash_mod.launch_config("fwd", False) == (64, 32, *dense[2:])
     monkeypatch.setenv("T5CORE_TILE_FWD", "64x64x4x2x128")
     assert flash_mod.launch_config("fwd", False) == (64, 64, 4, 2, 128)
+    for bad in ("128x64x8", "64", "64xsixty-four"):  # warps without stages: no launch options to read it by
+        monkeypatch.setenv("T5CORE_TILE_FWD", bad)
+        with pytest.raises(ValueError, match="T5CORE_TILE_FWD"):
+            flash_mod.launch_config("fwd", False)
