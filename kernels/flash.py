@@ -1252,7 +1252,7 @@ def _launch(kind: str, grid: tuple, fp32: bool, *args, sparse: bool = False, **k
         kernel[grid](*args, **kwargs)
         return
     options = launch_config(kind, fp32, sparse)[2:]
-    if _tile_override(kind) or not _autotune_enabled():
+    if not _autotune_enabled() or _tile_override(kind):  # the default first: no second env parse per launch
         kernel[grid](*args, **_launch_options(options), **kwargs)
         return
     family = _family(fp32)
@@ -1261,9 +1261,12 @@ def _launch(kind: str, grid: tuple, fp32: bool, *args, sparse: bool = False, **k
 
 
 def best_configs() -> dict:
-    """The autotuner's choices so far, for benchmark reports: {kernel/family: {key: config}}."""
-    return {f"{kind}/{family}/{'x'.join(map(str, options))}": {str(key): str(cfg) for key, cfg in _tuned(kind, family, options).cache.items()}
-            for kind, family, options in sorted(_TUNED_USED)} if _autotune_enabled() else {}
+    """The autotuner's choices so far, for benchmark reports: {kernel/family/default: {key: config}}."""
+    if not _autotune_enabled():
+        return {}
+    return {f"{kind}/{family}/{'x'.join(map(str, options))}":
+            {str(key): str(cfg) for key, cfg in _tuned(kind, family, options).cache.items()}
+            for kind, family, options in sorted(_TUNED_USED)}
 
 
 _TUNED_USED: set = set()
