@@ -13,6 +13,7 @@ for bit equal to the reference without depending on how a GPU rounds `log` or a 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -76,3 +77,27 @@ if triton is not None:
         """
         idx = tl.minimum(tl.maximum(rel, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
         return tl.load(lut_ptr + idx)
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+
+        @triton.jit
+        def _load_lut(ptrs):
+            return tl.load(ptrs)  # the interpreter runs no PTX; same values
+    else:
+
+        @triton.jit
+        def _load_lut(ptrs):
+            # An elementwise op, not a load: Triton computes it in whatever layout its consumer has
+            # (the MMA accumulator's), where a tl.load gets a coalesced layout and a convert_layout
+            # of the whole tile through shared memory. The table is a few hundred bytes: L1 hits.
+            return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
+                                             dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+
+    @triton.jit
+    def lut_gather(rel, center_ptr, CLAMP: tl.constexpr):
+        """A 32-bit per-rel table's value at every rel of a tile of scores, read in the scores' own
+        register layout (`_load_lut`). center_ptr points at rel 0. CLAMP > 0: rel clamped to
+        +-CLAMP (a tile anywhere); 0: read as is (a tile whose every rel the table covers)."""
+        if CLAMP > 0:
+            rel = tl.minimum(tl.maximum(rel, -CLAMP), CLAMP)
+        return _load_lut(center_ptr + rel)

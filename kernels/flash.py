@@ -2,7 +2,7 @@
 
 Scores are `q . k + table[bucket(k - q), h]` with no 1/sqrt(d) scaling (t5-facts A1). The
 bias is never materialised: the kernels read a per-head row of `bias_lut`, the bias of every
-rel in [-reach, reach] (see `bucket.py`), or small per-call blocks of it. `reach` is where the
+rel a near tile can hold (see `bucket.py` and `_bias_lut_kernel`). `reach` is where the
 buckets stop changing (`bucket_reach`: 91 for T5's 32 bidirectional buckets and max_distance
 128, 113 causal), at or before max_distance; the kernels call it REACH.
 
@@ -10,13 +10,12 @@ Tiles are sorted into three kinds per (query block, key block) pair:
   * far-left:  every rel <= -reach, so the bias is one scalar per head (the table at
     the "far before" bucket); it is folded into the exp2 offset, no per-score work.
   * far-right: every rel >= +reach, likewise with the "far after" bucket.
-  * near:      anything else. The bias of a near tile is Toeplitz and depends only on the
-    tile's offset c = n0 - m0 - q_offset, so a small per-call kernel writes one bias block
-    per (head, c); the near tile starts its score accumulator at that block
-    (tl.dot(q, kT, acc=block)). The causal mask is applied here only.
+  * near:      anything else. A near tile gathers its bias from the row at c + (j - i),
+    c = n0 - m0 - q_offset, in the scores' own register layout, and starts its score
+    accumulator there (tl.dot(q, kT, acc=bias)). The causal mask is applied here only.
 Loops run over far-left tiles, then near tiles, then far-right tiles, then at most one
-partial (masked) key tile whose bias is gathered from the per-rel table, so the common case
-pays for no mask and no bias.
+partial (masked) key tile whose bias is gathered with a clamp, so the common case pays for
+no mask and no bias.
 
 Backward (deterministic, no atomics):
   * `_bwd_dkdv_kernel`: one program per key block walks the query blocks (dk, dv).
@@ -38,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bucket import bucket_lut, bucket_reach, far_buckets, lut_lookup
+from .bucket import bucket_lut, bucket_reach, far_buckets, lut_gather, lut_lookup
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -194,72 +193,56 @@ def _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN: tl.co
 
 
 # ----------------------------------------------------------------------------------------------
-# Near-tile bias blocks
+# The per-call bias table
 # ----------------------------------------------------------------------------------------------
-# Inside a near tile the bias is Toeplitz: bias[i, j] = B(c + j - i) with c = n0 - m0 - q_offset.
-# Every (query block, key block) pair with the same c shares one [BLOCK_M, BLOCK_N] block, and
-# a near tile has one of a handful of c values (c = multiple of min(BLOCK_M, BLOCK_N) - q_offset
-# within (-reach - BLOCK_N, reach + BLOCK_M)). A tiny kernel writes those blocks
-# per head once per call (a few MB); near tiles then read their block with plain coalesced
-# loads instead of gathering one value per score.
+# A near tile's bias is a gather from one small fp32 row per head, bias_lut[h, rel], read in
+# the scores' MMA register layout (bucket.lut_gather: an elementwise op, so Triton neither
+# converts a coalesced tile through shared memory nor spends a register tile on it). Inside a
+# tile the rels are c + j - i with c = n0 - m0 - q_offset: one scalar per tile plus a constant
+# tile, so each thread reads a handful of distinct addresses (18 for a 32-element fragment of
+# a 128x64 tile). The row spans every rel a near tile can hold, +-lut_w with
+# lut_w = max(reach, window) + BLOCK_M + BLOCK_N, so near tiles read it without a clamp;
+# tiles that can lie anywhere (partial, sparse-boundary, side-key tiles) clamp rel to +-reach.
 
 FAR: tl.constexpr = tl.constexpr(0)  # constant bias (or none): folded into the exp2 offset
-NEAR_BLOCK: tl.constexpr = tl.constexpr(1)  # bias from the precomputed block of this tile's c
-NEAR_LUT: tl.constexpr = tl.constexpr(2)  # bias gathered from the per-rel table (any tile)
+NEAR: tl.constexpr = tl.constexpr(1)  # rels within the bias row: c + (j - i), no clamp
+ANY: tl.constexpr = tl.constexpr(2)  # any tile, any query positions: rel clamped to +-reach
 
 
 @triton.jit
-def _bias_blocks_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, Blocks, c_first, n_blocks,
-                        REACH: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STEP: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, WRITE_LUT: tl.constexpr, LUT_POW2: tl.constexpr,
-                        WINDOW: tl.constexpr = -1):
-    """Blocks[h, ci] = bias(c + key - query) for c = c_first + ci * STEP, rows = queries (or keys
-    when TRANSPOSED, for the dk/dv kernel's [keys, queries] tiles); with WRITE_LUT, program
-    ci = n_blocks writes BiasLUT[h] = table[bucket(rel), h] for every rel in +-REACH.
-    Read straight from the table through the bucket LUT: one launch, no torch ops per call.
-    WINDOW >= 0 (the `local` pattern): -inf where |rel| > WINDOW, the window's mask folded in."""
-    ci = tl.program_id(0)
-    h = tl.program_id(1)
-    if ci == n_blocks:
-        if WRITE_LUT:
-            i = tl.arange(0, LUT_POW2)
-            valid = i < 2 * REACH + 1
-            bucket = tl.load(BucketLUT + i, mask=valid, other=0)
-            row = tl.load(Table + bucket * stride_tb + h * stride_th, mask=valid, other=0.0)
-            tl.store(BiasLUT + h * (2 * REACH + 1) + i, row.to(tl.float32), mask=valid)
-    else:
-        c = c_first + ci * STEP
-        rows = tl.arange(0, ROWS)[:, None]
-        cols = tl.arange(0, COLS)[None, :]
-        if TRANSPOSED:
-            rel = c + rows - cols
-        else:
-            rel = c + cols - rows
-        block_bucket = lut_lookup(rel, BucketLUT, REACH)
-        block = tl.load(Table + block_bucket * stride_tb + h * stride_th).to(tl.float32)
+def _bias_lut_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, lut_w, REACH: tl.constexpr,
+                     WINDOW: tl.constexpr, CHUNK: tl.constexpr):
+    """BiasLUT[h, i] = table[bucket(rel), h] for rel = i - lut_w in [-lut_w, lut_w], straight from the
+    table through the bucket LUT (one launch, no torch ops per call). WINDOW >= 0 (the `local`
+    pattern): -inf where |rel| > WINDOW, the window's mask folded in."""
+    h = tl.program_id(0)
+    width = 2 * lut_w + 1
+    for start in range(0, width, CHUNK):
+        i = start + tl.arange(0, CHUNK)
+        rel = i - lut_w
+        bucket = lut_lookup(rel, BucketLUT, REACH)
+        value = tl.load(Table + bucket * stride_tb + h * stride_th).to(tl.float32)
         if WINDOW >= 0:
-            block = tl.where((rel <= WINDOW) & (rel >= -WINDOW), block, float("-inf"))
-        tl.store(Blocks + (h * n_blocks + ci).to(tl.int64) * (ROWS * COLS) + rows * COLS + cols,
-                 block.to(Blocks.dtype.element_ty))
+            value = tl.where((rel <= WINDOW) & (rel >= -WINDOW), value, float("-inf"))
+        tl.store(BiasLUT + h * width + i, value, mask=i < width)
 
 
-def near_c_range(reach: int, rows: int, cols: int, q_offset: int) -> tuple[int, int]:
-    """(c_first, n_blocks): the c values of near tiles for tiles of `rows` queries x `cols` keys."""
-    step = min(rows, cols)
-    lo, hi = -reach - cols + 2, reach + rows - 2  # c of tiles neither far-left nor far-right
-    c_first = lo + ((-q_offset - lo) % step)
-    return c_first, max((hi - c_first) // step + 1, 1)
-
-
-def window_c_range(radius: int, rows: int, cols: int) -> tuple[int, int]:
-    """(c_first, n_blocks): the c values of every tile the `local` pattern visits (q_offset 0).
-
-    A tile of `rows` queries from m0 and `cols` keys from n0 (c = n0 - m0) holds a pair within
-    the window iff c + cols - 1 >= -radius and c - (rows - 1) <= radius."""
-    step = min(rows, cols)
-    lo, hi = -radius - cols + 1, radius + rows - 1
-    c_first = -((-lo) // step) * step  # the first multiple of step >= lo
-    return c_first, max((hi - c_first) // step + 1, 1)
+@triton.jit
+def _tile_bias(c, q_pos, cols, bias_row, MODE: tl.constexpr, REACH: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The bias of one tile of scores, [BLOCK_Q queries, BLOCK_K keys] (or [keys, queries] when
+    TRANSPOSED). NEAR: at c + (j - i), c = the tile's first key minus its first query position
+    (the rels are within the bias row). ANY: at key - query position, clamped to +-REACH."""
+    if MODE == NEAR:
+        if TRANSPOSED:
+            tile_rel = tl.arange(0, BLOCK_K)[:, None] - tl.arange(0, BLOCK_Q)[None, :]
+        else:
+            tile_rel = tl.arange(0, BLOCK_K)[None, :] - tl.arange(0, BLOCK_Q)[:, None]
+        return lut_gather(tile_rel, bias_row + c, 0)
+    elif TRANSPOSED:
+        return lut_gather(cols[:, None] - q_pos[None, :], bias_row, REACH)
+    else:
+        return lut_gather(cols[None, :] - q_pos[:, None], bias_row, REACH)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,14 +251,13 @@ def window_c_range(radius: int, rows: int, cols: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head, c_first,
-               far_bias, kv_len, start, end, m0, q_offset, offs_m, offs_n, offs_d,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, far_bias, kv_len, start,
+               end, m0, q_offset, offs_n, offs_d,
                MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                REACH: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
                NUM_GLOBAL: tl.constexpr):
     # PATTERN != DENSE: a sparse boundary tile; scores the pattern hides are masked (non-far modes only).
-    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         if MASK_K:
@@ -292,27 +274,25 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
             m_safe = m_new
             p = tl.math.exp2(qk * LOG2E - (m_new - far_bias)[:, None])
         else:
-            if HAS_BIAS and MODE == NEAR_BLOCK:
-                ci = (start_n - m0 - q_offset - c_first) // STEP
-                blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + (offs_m - m0)[:, None] * BLOCK_N
-                              + offs_n[None, :]).to(tl.float32)
-                s = _dot_acc(q, tl.trans(k), blk, FP32_DOT) * LOG2E
-            elif HAS_BIAS:
-                s = (_dot(q, tl.trans(k), FP32_DOT) + lut_lookup(cols[None, :] - q_pos[:, None], bias_row,
-                                                                 REACH)) * LOG2E
+            # Scores stay in natural units (the bias added by the dot itself); the base-2 scaling
+            # goes into the max and one FMA per score.
+            if HAS_BIAS:
+                bias = _tile_bias(start_n - m0 - q_offset, q_pos, cols, bias_row, MODE, REACH, BLOCK_M, BLOCK_N,
+                                  False)
+                qk = _dot_acc(q, tl.trans(k), bias, FP32_DOT)
             else:
-                s = _dot(q, tl.trans(k), FP32_DOT) * LOG2E
+                qk = _dot(q, tl.trans(k), FP32_DOT)
             if CAUSAL:
-                s = tl.where(cols[None, :] <= q_pos[:, None], s, float("-inf"))
+                qk = tl.where(cols[None, :] <= q_pos[:, None], qk, float("-inf"))
             if MASK_K:
-                s = tl.where(kmask[None, :], s, float("-inf"))
+                qk = tl.where(kmask[None, :], qk, float("-inf"))
             if PATTERN != DENSE:
-                s = tl.where(_visible(q_pos[:, None], cols[None, :], PATTERN, RADIUS, SBLOCK, NUM_GLOBAL), s,
-                             float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+                qk = tl.where(_visible(q_pos[:, None], cols[None, :], PATTERN, RADIUS, SBLOCK, NUM_GLOBAL), qk,
+                              float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * LOG2E)
             # A row with no visible key so far keeps m = -inf; subtract 0 instead (no NaN).
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
+            p = tl.math.exp2(qk * LOG2E - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
@@ -322,16 +302,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, BiasLUT, BiasBlocks, KeyLens, CuQ, CuK,
+    Q, K, V, Out, LSE, BiasLUT, KeyLens, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh,
-    num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
+    num_heads, seqlen_q, seqlen_k, q_offset, lut_w, tune_len,
     HAS_BIAS: tl.constexpr, REACH: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_INTERIOR: tl.constexpr = 1,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
@@ -362,11 +342,10 @@ def _fwd_kernel(
     else:
         DIST: tl.constexpr = 1  # no bias: "far" just means fully visible
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
-    bias_row = BiasLUT + h * (2 * REACH + 1)
-    blk_head = BiasBlocks + h64 * n_blocks * (BLOCK_M * BLOCK_N)
-    if HAS_BIAS:
-        c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + 2 * REACH) * LOG2E
+    bias_row = BiasLUT + h * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
+    if HAS_BIAS and PATTERN != LOCAL:
+        c_left = tl.load(bias_row - REACH) * LOG2E  # far bias, in the exp2 domain
+        c_right = tl.load(bias_row + REACH) * LOG2E
     else:
         c_left = 0.0
         c_right = 0.0
@@ -378,53 +357,44 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if PATTERN == LOCAL:
-        # Every tile of the window reads its bias block, the window's mask folded in as -inf
-        # (window_c_range): no per-score gather, no predicate; keys past the length masked.
+        # Every tile of the window reads its bias row, whose -inf beyond the radius is the window's
+        # mask (_bias_lut_kernel): no predicate; keys past the length masked.
         split = tl.minimum(tl.maximum(n_full, a0), e1)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                   blk_head, c_first, 0.0, kv_len, a0, split, m0, q_offset, offs_m, offs_n, offs_d,
-                                   NEAR_BLOCK, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                   DENSE, 0, 1, 0)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                   blk_head, c_first, 0.0, kv_len, split, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                   NEAR_BLOCK, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                   DENSE, 0, 1, 0)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                   kv_len, a0, split, m0, q_offset, offs_n, offs_d, NEAR, False, HAS_BIAS, CAUSAL,
+                                   REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                   kv_len, split, e1, m0, q_offset, offs_n, offs_d, NEAR, True, HAS_BIAS, CAUSAL,
+                                   REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:  # sparse boundary tiles before the visible run (leading keys, window start)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                       blk_head, c_first, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n,
-                                       offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
-                                       BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                       blk_head, c_first, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n,
-                                       offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
-                                       BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                                   c_first, c_left, kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d,
-                                   FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                   DENSE, 0, 1, 0)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                                   c_first, 0.0, kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d,
-                                   NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                   DENSE, 0, 1, 0)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, blk_head,
-                                   c_first, c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
-                                   FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                   DENSE, 0, 1, 0)
-        # Masked tiles after the run, their bias gathered from the per-rel table (they may be far):
-        # the one partial key tile (dense; a plain `if`, so the dense kernel compiles as before its
-        # sparse patterns), the window end / block end (sparse).
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                       kv_len, 0, lead_end, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS, CAUSAL,
+                                       REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                       kv_len, a0, i0, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS, CAUSAL,
+                                       REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, c_left,
+                                   kv_len, i0, f0, m0, q_offset, offs_n, offs_d, FAR, False, HAS_BIAS, CAUSAL, REACH,
+                                   FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                   kv_len, f0, f1, m0, q_offset, offs_n, offs_d, NEAR, False, HAS_BIAS, CAUSAL, REACH,
+                                   FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, c_right,
+                                   kv_len, f1, i1, m0, q_offset, offs_n, offs_d, FAR, False, HAS_BIAS, CAUSAL, REACH,
+                                   FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        # Masked tiles after the run, their bias gathered with a clamp (they may be far): the one
+        # partial key tile (dense; a plain `if`, so the dense kernel compiles as before its sparse
+        # patterns), the window end / block end (sparse).
         if PATTERN == DENSE:
             if n_full < hi:
                 acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                           blk_head, c_first, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset,
-                                           offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH,
-                                           FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                           0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_n, offs_d, ANY,
+                                           True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         else:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
-                                       blk_head, c_first, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                       NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                       PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                       kv_len, i1, e1, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS, CAUSAL,
+                                       REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
 
     # Rows with no visible key (key length 0, fully masked) output 0 and lse = +inf; so do
     # padded query rows of a sparse pattern (encoder self-attention: query i is real iff key i is).
@@ -474,13 +444,12 @@ def _bwd_delta_kernel(Out, DO, Delta, CuQ,
 
 @triton.jit
 def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, q_pos,
-              bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, far_bias, kv_len, start, end, m0,
-              q_offset, offs_m, offs_n, offs_d, nb_idx,
+              bias_row, SegLUT, SegStart, SegBucket, far_bias, kv_len, start, end, m0,
+              q_offset, offs_n, offs_d, nb_idx,
               MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
               REACH: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
               NUM_GLOBAL: tl.constexpr):
-    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         if MASK_K:
@@ -494,17 +463,13 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
             qk = _dot(q, tl.trans(k), FP32_DOT)
             p = tl.math.exp2(qk * LOG2E - (lse - far_bias)[:, None])
         else:
-            if HAS_BIAS and MODE == NEAR_BLOCK:
-                ci = (start_n - m0 - q_offset - c_first) // STEP
-                blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + (offs_m - m0)[:, None] * BLOCK_N
-                              + offs_n[None, :]).to(tl.float32)
-                s = _dot_acc(q, tl.trans(k), blk, FP32_DOT) * LOG2E
-            elif HAS_BIAS:
-                s = (_dot(q, tl.trans(k), FP32_DOT) + lut_lookup(cols[None, :] - q_pos[:, None], bias_row,
-                                                                 REACH)) * LOG2E
+            if HAS_BIAS:
+                bias = _tile_bias(start_n - m0 - q_offset, q_pos, cols, bias_row, MODE, REACH, BLOCK_M, BLOCK_N,
+                                  False)
+                qk = _dot_acc(q, tl.trans(k), bias, FP32_DOT)
             else:
-                s = _dot(q, tl.trans(k), FP32_DOT) * LOG2E
-            p = tl.math.exp2(s - lse[:, None])
+                qk = _dot(q, tl.trans(k), FP32_DOT)
+            p = tl.math.exp2(qk * LOG2E - lse[:, None])
             if CAUSAL:
                 p = tl.where(cols[None, :] <= q_pos[:, None], p, 0.0)
             if MASK_K:
@@ -562,7 +527,7 @@ def _load_query_rows(Q, DO, LSE, Delta, b64, h64, rows, rmask, stride_qb, stride
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, Delta, BiasLUT, BiasBlocks, SegLUT, SegStart, SegBucket, DTablePart, KeyLens, CuQ, CuK,
+    Q, K, V, DO, DQ, LSE, Delta, BiasLUT, SegLUT, SegStart, SegBucket, DTablePart, KeyLens, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -570,12 +535,12 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh,
     stride_pb, stride_ph, stride_pm,
-    num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
+    num_heads, seqlen_q, seqlen_k, q_offset, lut_w, tune_len,
     HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr,
     FAR_LEFT_BUCKET: tl.constexpr, FAR_RIGHT_BUCKET: tl.constexpr,
     REACH: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEAR_INTERIOR: tl.constexpr = 1,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
@@ -608,11 +573,10 @@ def _bwd_dq_kernel(
     else:
         DIST: tl.constexpr = 1
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
-    bias_row = BiasLUT + h * (2 * REACH + 1)
-    blk_head = BiasBlocks + h64 * n_blocks * (BLOCK_M * BLOCK_N)
-    if HAS_BIAS:
-        c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + 2 * REACH) * LOG2E
+    bias_row = BiasLUT + h * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
+    if HAS_BIAS and PATTERN != LOCAL:
+        c_left = tl.load(bias_row - REACH) * LOG2E  # far bias, in the exp2 domain
+        c_right = tl.load(bias_row + REACH) * LOG2E
     else:
         c_left = 0.0
         c_right = 0.0
@@ -624,58 +588,51 @@ def _bwd_dq_kernel(
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
-    if PATTERN == LOCAL:  # every tile reads its window block (see the forward)
+    if PATTERN == LOCAL:  # every tile reads the window's bias row (see the forward)
         split = tl.minimum(tl.maximum(n_full, a0), e1)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                         stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                         SegBucket, 0.0, kv_len, a0, split, m0, q_offset, offs_m, offs_n, offs_d,
-                                         nb_idx, NEAR_BLOCK, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
-                                         BLOCK_N, DENSE, 0, 1, 0)
+                                         stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, a0,
+                                         split, m0, q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, CAUSAL,
+                                         REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                         stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                         SegBucket, 0.0, kv_len, split, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                         nb_idx, NEAR_BLOCK, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
-                                         BLOCK_N, DENSE, 0, 1, 0)
+                                         stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, split,
+                                         e1, m0, q_offset, offs_n, offs_d, nb_idx, NEAR, True, HAS_BIAS, CAUSAL,
+                                         REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                             SegBucket, 0.0, kv_len, 0, lead_end, m0, q_offset, offs_m, offs_n, offs_d,
-                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
-                                             BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                             stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, 0,
+                                             lead_end, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS,
+                                             CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
+                                             NUM_GLOBAL)
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                             SegBucket, 0.0, kv_len, a0, i0, m0, q_offset, offs_m, offs_n, offs_d,
-                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
-                                             BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                             stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, a0,
+                                             i0, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, CAUSAL,
+                                             REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, c_left,
-                                         kv_len, i0, f0, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
-                                         FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                         DENSE, 0, 1, 0)
+                                         q_pos, bias_row, SegLUT, SegStart, SegBucket, c_left, kv_len, i0, f0, m0,
+                                         q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, CAUSAL, REACH,
+                                         FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket, 0.0,
-                                         kv_len, f0, f1, m0, q_offset, offs_m, offs_n, offs_d, nb_idx,
-                                         NEAR_INTERIOR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                         DENSE, 0, 1, 0)
+                                         q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, f0, f1, m0,
+                                         q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, CAUSAL, REACH,
+                                         FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                          stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart, SegBucket,
-                                          c_right, kv_len, f1, i1, m0, q_offset, offs_m, offs_n, offs_d,
-                                          nb_idx, FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
-                                          BLOCK_N, DENSE, 0, 1, 0)
+                                          stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, c_right, kv_len, f1,
+                                          i1, m0, q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, CAUSAL,
+                                          REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         if PATTERN == DENSE:
             if n_full < hi:
                 dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                                 stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                                 SegBucket, 0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_m,
-                                                 offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH,
-                                                 FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                                 stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len,
+                                                 n_full, n_full + BLOCK_N, m0, q_offset, offs_n, offs_d, nb_idx, ANY,
+                                                 True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1,
+                                                 0)
         else:
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, blk_head, c_first, SegLUT, SegStart,
-                                             SegBucket, 0.0, kv_len, i1, e1, m0, q_offset, offs_m, offs_n, offs_d,
-                                             nb_idx, NEAR_LUT, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M,
-                                             BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                             stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, i1,
+                                             e1, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, CAUSAL,
+                                             REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
     if HAS_BIAS:
@@ -686,15 +643,14 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0, blk_head,
-                c_first, far_bias, q_len, q_offset, start, end, offs_m, offs_n, offs_d, bias_row, q_pos_base,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                far_bias, q_len, q_offset, start, end, offs_m, offs_d, bias_row, q_pos_base,
                 MODE: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
                 FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REACH: tl.constexpr,
                 PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
                 Q_POS_TENSOR: tl.constexpr):
     # Transposed orientation: scores^T [BLOCK_N keys, BLOCK_M queries], so dk and dv need no transposes.
-    # Q_POS_TENSOR (transient-global side keys): query positions are read from q_pos_base (NEAR_LUT only).
-    STEP: tl.constexpr = BLOCK_M if BLOCK_M < BLOCK_N else BLOCK_N
+    # Q_POS_TENSOR (transient-global side keys): query positions are read from q_pos_base (ANY only).
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         rmask = rows < q_len
@@ -706,21 +662,17 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
             qk_t = _dot(k, tl.trans(q), FP32_DOT)
             p_t = tl.math.exp2(qk_t * LOG2E - (lse - far_bias)[None, :])
         else:
-            if HAS_BIAS and MODE == NEAR_BLOCK:
-                ci = (n0 - start_m - q_offset - c_first) // STEP
-                blk = tl.load(blk_head + ci * (BLOCK_M * BLOCK_N) + offs_n[:, None] * BLOCK_M
-                              + offs_m[None, :]).to(tl.float32)
-                s = _dot_acc(k, tl.trans(q), blk, FP32_DOT) * LOG2E
-            elif HAS_BIAS:  # sparse boundary tiles: bias gathered per score
+            if HAS_BIAS:
                 if Q_POS_TENSOR:
                     q_pos = tl.maximum(tl.load(q_pos_base + rows, mask=rmask, other=0), 0)
                 else:
                     q_pos = rows + q_offset
-                s = (_dot(k, tl.trans(q), FP32_DOT) + lut_lookup(cols[:, None] - q_pos[None, :], bias_row,
-                                                                 REACH)) * LOG2E
+                bias = _tile_bias(n0 - start_m - q_offset, q_pos, cols, bias_row, MODE, REACH, BLOCK_M, BLOCK_N,
+                                  True)
+                qk_t = _dot_acc(k, tl.trans(q), bias, FP32_DOT)
             else:
-                s = _dot(k, tl.trans(q), FP32_DOT) * LOG2E
-            p_t = tl.math.exp2(s - lse[None, :])
+                qk_t = _dot(k, tl.trans(q), FP32_DOT)
+            p_t = tl.math.exp2(qk_t * LOG2E - lse[None, :])
             if CAUSAL:
                 p_t = tl.where(cols[:, None] <= (rows + q_offset)[None, :], p_t, 0.0)
             if PATTERN != DENSE:
@@ -734,7 +686,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, Delta, BiasLUT, BiasBlocksT, KeyLens, CuQ, CuK,
+    Q, K, V, DO, DK, DV, LSE, Delta, BiasLUT, KeyLens, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -742,7 +694,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh,
-    num_heads, seqlen_q, seqlen_k, q_offset, c_first, n_blocks, tune_len,
+    num_heads, seqlen_q, seqlen_k, q_offset, lut_w, tune_len,
     HAS_BIAS: tl.constexpr, REACH: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -781,11 +733,10 @@ def _bwd_dkdv_kernel(
         DIST: tl.constexpr = REACH
     else:
         DIST: tl.constexpr = 1
-    bias_row = BiasLUT + h * (2 * REACH + 1)
-    blk_head = BiasBlocksT + h64 * n_blocks * (BLOCK_M * BLOCK_N)
-    if HAS_BIAS:
-        c_left = tl.load(bias_row) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + 2 * REACH) * LOG2E
+    bias_row = BiasLUT + h * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
+    if HAS_BIAS and PATTERN != LOCAL:
+        c_left = tl.load(bias_row - REACH) * LOG2E  # far bias, in the exp2 domain
+        c_right = tl.load(bias_row + REACH) * LOG2E
     else:
         c_left = 0.0
         c_right = 0.0
@@ -815,35 +766,35 @@ def _bwd_dkdv_kernel(
                                                       RADIUS, SBLOCK, NUM_GLOBAL, BLOCK_N, BLOCK_M)
         right_end = tl.minimum(tl.maximum(right_end, i0), i1)
         left_start = tl.minimum(tl.maximum(left_start, right_end), i1)
-        if PATTERN == LOCAL:  # every query tile reads its window block (see the forward)
+        if PATTERN == LOCAL:  # every query tile reads the window's bias row (see the forward)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
-                                 n0, blk_head, c_first, 0.0, q_len, q_offset, a0, e1, offs_m, offs_n, offs_d,
-                                 bias_row, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
+                                 n0, 0.0, q_len, q_offset, a0, e1, offs_m, offs_d,
+                                 bias_row, bias_row, NEAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                  DENSE, 0, 1, 0, False)
         else:
             if PATTERN != DENSE:
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
-                                     n0, blk_head, c_first, 0.0, q_len, q_offset, 0, lead_end, offs_m, offs_n, offs_d,
-                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
+                                     n0, 0.0, q_len, q_offset, 0, lead_end, offs_m, offs_d,
+                                     bias_row, bias_row, ANY, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                      PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
-                                     n0, blk_head, c_first, 0.0, q_len, q_offset, a0, i0, offs_m, offs_n, offs_d,
-                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
+                                     n0, 0.0, q_len, q_offset, a0, i0, offs_m, offs_d,
+                                     bias_row, bias_row, ANY, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                      PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                                 blk_head, c_first, c_right, q_len, q_offset, i0, right_end, offs_m, offs_n, offs_d,
+                                 c_right, q_len, q_offset, i0, right_end, offs_m, offs_d,
                                  bias_row, bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH, DENSE, 0, 1, 0, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                                 blk_head, c_first, 0.0, q_len, q_offset, right_end, left_start, offs_m, offs_n,
-                                 offs_d, bias_row, bias_row, NEAR_BLOCK, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
+                                 0.0, q_len, q_offset, right_end, left_start, offs_m,
+                                 offs_d, bias_row, bias_row, NEAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                  DENSE, 0, 1, 0, False)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                                 blk_head, c_first, c_left, q_len, q_offset, left_start, i1, offs_m, offs_n, offs_d,
+                                 c_left, q_len, q_offset, left_start, i1, offs_m, offs_d,
                                  bias_row, bias_row, FAR, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH, DENSE, 0, 1, 0, False)
             if PATTERN != DENSE:
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols,
-                                     n0, blk_head, c_first, 0.0, q_len, q_offset, i1, e1, offs_m, offs_n, offs_d,
-                                     bias_row, bias_row, NEAR_LUT, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
+                                     n0, 0.0, q_len, q_offset, i1, e1, offs_m, offs_d,
+                                     bias_row, bias_row, ANY, HAS_BIAS, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N, REACH,
                                      PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, False)
     # Keys past the key length get exactly zero (their p was not masked above).
     dk = tl.where(kmask[:, None], dk, 0.0)
@@ -882,7 +833,7 @@ def _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS: tl.constexpr):
 def _global_rows_fwd_kernel(
     Q, K, V, PartM, PartL, PartAcc, BiasLUT, KeyLens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    num_heads, seqlen, chunk, rows_total,
+    num_heads, seqlen, chunk, rows_total, lut_w,
     HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr,
     NUM_GLOBAL: tl.constexpr,
@@ -897,15 +848,15 @@ def _global_rows_fwd_kernel(
                 mask=(offs_m < seqlen)[:, None], other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = BiasLUT + h64 * (2 * REACH + 1)
+    bias_row = BiasLUT + h64 * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, bias_row,
-                               0, 0.0, kv_len, start, end, m0, 0, offs_m, offs_n, offs_d, NEAR_LUT, True, HAS_BIAS,
-                               False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, 0.0, kv_len,
+                               start, end, m0, 0, offs_n, offs_d, ANY, True, HAS_BIAS, False, REACH, FP32_DOT,
+                               BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartM + row, m_i)
     tl.store(PartL + row, l_i)
@@ -917,7 +868,7 @@ def _global_rows_dq_kernel(
     Q, K, V, DO, LSE, Delta, PartDQ, PartTable, BiasLUT, SegLUT, SegStart, SegBucket, KeyLens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
-    num_heads, seqlen, chunk, rows_total,
+    num_heads, seqlen, chunk, rows_total, lut_w,
     HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr, HAS_KEYLENS: tl.constexpr,
     REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
@@ -935,16 +886,16 @@ def _global_rows_dq_kernel(
                                          stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, offs_d)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = BiasLUT + h64 * (2 * REACH + 1)
+    bias_row = BiasLUT + h64 * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
     dq, acc_rows, acc_nb = _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     offs_m, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, kv_len, start,
-                                     end, m0, 0, offs_m, offs_n, offs_d, nb_idx, NEAR_LUT, True, HAS_BIAS, False,
-                                     REACH, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+                                     offs_m, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, start, end, m0, 0,
+                                     offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, False, REACH, FP32_DOT, BLOCK_M,
+                                     BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartDQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq)
     if HAS_BIAS:  # [chunk, B*H, tile, bucket]
@@ -957,7 +908,7 @@ def _split_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, PartDK, PartDV, BiasLUT, KeyLens, QPos,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_pb,
-    num_heads, seqlen, num_keys, chunk, cols_total,
+    num_heads, seqlen, num_keys, chunk, cols_total, lut_w,
     HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PATTERN: tl.constexpr,
     SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr, Q_POS_TENSOR: tl.constexpr,
@@ -985,12 +936,12 @@ def _split_dkdv_kernel(
     else:
         q_end = tl.cdiv(kv_len, BLOCK_M) * BLOCK_M  # queries are the keys' sequence: padded rows see nothing
     end = tl.minimum(start + chunk, q_end)
-    bias_row = BiasLUT + h64 * (2 * REACH + 1)
+    bias_row = BiasLUT + h64 * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
     dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
                          LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
-                         stride_qm, stride_dom, cols, n0, bias_row, 0, 0.0, seqlen, 0, start, end, offs_m, offs_n,
-                         offs_d, bias_row, QPos + b64 * stride_pb, NEAR_LUT, HAS_BIAS, False, FP32_DOT, BLOCK_M,
-                         BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
+                         stride_qm, stride_dom, cols, n0, 0.0, seqlen, 0, start, end, offs_m, offs_d, bias_row,
+                         QPos + b64 * stride_pb, ANY, HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0,
+                         SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
     col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
@@ -1033,7 +984,7 @@ def _side_fwd_kernel(
     block_id = tl.load(BlockIds + b64 * stride_ib + offs_m, mask=rmask, other=-1).to(tl.int32)
     q_pos = tl.maximum(block_id, 0)
     n_side = tl.load(SideLens + b64).to(tl.int32)
-    bias_row = BiasLUT + h64 * (2 * REACH + 1)
+    bias_row = BiasLUT + h64 * (2 * REACH + 1) + REACH  # rel 0 of this head's row
     k_base = SK + b64 * stride_kb + h64 * stride_kh
     v_base = SV + b64 * stride_vb + h64 * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -1044,20 +995,20 @@ def _side_fwd_kernel(
     # gather theirs per score.
     n_full = (n_side // BLOCK_N) * BLOCK_N
     left_end, right_start = _far_bounds(tl.min(q_pos, 0), tl.max(q_pos, 0), n_full, REACH, BLOCK_N)
-    c_left = tl.load(bias_row) * LOG2E
-    c_right = tl.load(bias_row + 2 * REACH) * LOG2E
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, bias_row, 0,
-                               c_left, n_side, 0, left_end, m0, 0, offs_m, offs_n, offs_d, FAR, False, HAS_BIAS,
+    c_left = tl.load(bias_row - REACH) * LOG2E
+    c_right = tl.load(bias_row + REACH) * LOG2E
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, c_left,
+                               n_side, 0, left_end, m0, 0, offs_n, offs_d, FAR, False, HAS_BIAS, False, REACH,
+                               FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0, n_side,
+                               left_end, right_start, m0, 0, offs_n, offs_d, ANY, False, HAS_BIAS, False, REACH,
+                               FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, c_right,
+                               n_side, right_start, n_full, m0, 0, offs_n, offs_d, FAR, False, HAS_BIAS, False, REACH,
+                               FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0, n_side,
+                               n_full, tl.cdiv(n_side, BLOCK_N) * BLOCK_N, m0, 0, offs_n, offs_d, ANY, True, HAS_BIAS,
                                False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, bias_row, 0,
-                               0.0, n_side, left_end, right_start, m0, 0, offs_m, offs_n, offs_d, NEAR_LUT, False,
-                               HAS_BIAS, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, bias_row, 0,
-                               c_right, n_side, right_start, n_full, m0, 0, offs_m, offs_n, offs_d, FAR, False,
-                               HAS_BIAS, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, bias_row, 0,
-                               0.0, n_side, n_full, tl.cdiv(n_side, BLOCK_N) * BLOCK_N, m0, 0, offs_m, offs_n, offs_d,
-                               NEAR_LUT, True, HAS_BIAS, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     empty = (l_i == 0.0) | (block_id < 0)
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
@@ -1101,31 +1052,30 @@ def _side_dq_kernel(
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
-    bias_row = BiasLUT + h64 * (2 * REACH + 1)
+    bias_row = BiasLUT + h64 * (2 * REACH + 1) + REACH  # rel 0 of this head's row
     k_base = SK + b64 * stride_kb + h64 * stride_kh
     v_base = SV + b64 * stride_vb + h64 * stride_vh
     # Far side keys as in the forward: one scalar bias, their dS row sums go to the far buckets.
     n_full = (n_side // BLOCK_N) * BLOCK_N
     left_end, right_start = _far_bounds(tl.min(q_pos, 0), tl.max(q_pos, 0), n_full, REACH, BLOCK_N)
-    c_left = tl.load(bias_row) * LOG2E
-    c_right = tl.load(bias_row + 2 * REACH) * LOG2E
+    c_left = tl.load(bias_row - REACH) * LOG2E
+    c_right = tl.load(bias_row + REACH) * LOG2E
     dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, c_left, n_side, 0,
-                                     left_end, first, 0, offs_m, offs_n, offs_d, nb_idx, FAR, False, True, False,
-                                     REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                     q_pos, bias_row, SegLUT, SegStart, SegBucket, c_left, n_side, 0, left_end, first,
+                                     0, offs_n, offs_d, nb_idx, FAR, False, True, False, REACH, FP32_DOT, BLOCK_M,
+                                     BLOCK_N, DENSE, 0, 1, 0)
     dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, n_side, left_end,
-                                     right_start, first, 0, offs_m, offs_n, offs_d, nb_idx, NEAR_LUT, False, True,
-                                     False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                     q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, n_side, left_end, right_start,
+                                     first, 0, offs_n, offs_d, nb_idx, ANY, False, True, False, REACH, FP32_DOT,
+                                     BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                      q_pos, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, c_right, n_side,
-                                      right_start, n_full, first, 0, offs_m, offs_n, offs_d, nb_idx, FAR, False, True,
-                                      False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                      q_pos, bias_row, SegLUT, SegStart, SegBucket, c_right, n_side, right_start,
+                                      n_full, first, 0, offs_n, offs_d, nb_idx, FAR, False, True, False, REACH,
+                                      FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, bias_row, 0, SegLUT, SegStart, SegBucket, 0.0, n_side, n_full,
-                                     tl.cdiv(n_side, BLOCK_N) * BLOCK_N, first, 0, offs_m, offs_n, offs_d, nb_idx,
-                                     NEAR_LUT, True, True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1,
-                                     0)
+                                     q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, n_side, n_full,
+                                     tl.cdiv(n_side, BLOCK_N) * BLOCK_N, first, 0, offs_n, offs_d, nb_idx, ANY, True,
+                                     True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     acc_nb += tl.where(nb_idx == FAR_LEFT_BUCKET, tl.sum(acc_left, 0), 0.0)
     acc_nb += tl.where(nb_idx == FAR_RIGHT_BUCKET, tl.sum(acc_right, 0), 0.0)
     tl.store(DQ + ((b64 * num_heads + h64) * seqlen + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq,
@@ -1137,8 +1087,8 @@ def _side_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Tile configurations
 # ----------------------------------------------------------------------------------------------
-# Each kernel has one launch configuration per (GPU family, precision): its tile (the near-tile
-# bias blocks are laid out for it), warps, pipeline stages and, where it pays, a register cap
+# Each kernel has one launch configuration per (GPU family, precision): its tile, warps,
+# pipeline stages and, where it pays, a register cap
 # per thread (ptxas' maxnreg) that buys a block per SM (docs/kernels.md, "Where the bias
 # costs"). T5CORE_AUTOTUNE=1 adds a small autotune over further (warps, stages) pairs, keyed on
 # head dim, dtype, mask flags and a power-of-two length bucket. The interpreter uses one small
@@ -1217,11 +1167,6 @@ def _tile_override(kind: str):
     return config
 
 
-def _near_interior() -> int:
-    # How interior near tiles get their bias: "block" (precomputed blocks) or "lut" (gather).
-    return 2 if os.environ.get("T5CORE_NEAR", "block") == "lut" else 1
-
-
 def _autotune_enabled() -> bool:
     # Off by default: the default configs are the measured best on the H200;
     # T5CORE_AUTOTUNE=1 tunes among them and _AUTOTUNE_MORE per length bucket.
@@ -1229,8 +1174,8 @@ def _autotune_enabled() -> bool:
 
 
 _KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
-_TUNE_KEY = ["tune_len", "HEAD_DIM", "HAS_BIAS", "CAUSAL", "HAS_KEYLENS", "IS_VARLEN", "FP32_DOT",
-             "NEAR_INTERIOR", "BLOCK_M", "BLOCK_N", "PATTERN"]
+_TUNE_KEY = ["tune_len", "HEAD_DIM", "HAS_BIAS", "CAUSAL", "HAS_KEYLENS", "IS_VARLEN", "FP32_DOT", "BLOCK_M",
+             "BLOCK_N", "PATTERN"]
 
 
 def _launch_options(config: tuple) -> dict:
@@ -1306,35 +1251,20 @@ def _bucket_tables(bidirectional: bool, num_buckets: int, max_distance: int, dev
                          left, right)
 
 
-def _bias_inputs(table: torch.Tensor, bucket_lut_: torch.Tensor, reach: int,
-                 tiles: list[tuple[int, int, bool]], q_offset: int, window: int = -1):
-    """The bias inputs of the kernels, straight from the [num_buckets, H] table in one launch per tile shape.
-
-    Returns (bias_lut, [(blocks, c_first, n_blocks) per tile]): bias_lut [H, 2 * reach + 1]
-    fp32 is table[bucket(rel), h] for every rel; blocks [H, n, R, C] (the table's dtype if
-    16-bit, else fp32) are the bias blocks for tiles of (rows queries, cols keys, transposed):
-    those of near tiles (near_c_range), or with window >= 0 those of every tile of the `local`
-    pattern, -inf outside the window (window_c_range)."""
+def _bias_row(table: torch.Tensor, bucket_lut_: torch.Tensor, reach: int, lut_w: int, window: int = -1):
+    """bias_lut [H, 2 * lut_w + 1] fp32: entry i is table[bucket(i - lut_w), h], -inf beyond a `local`
+    window (window >= 0). One launch, straight from the [num_buckets, H] table."""
     heads = table.shape[1]
-    bias_lut = torch.empty((heads, 2 * reach + 1), dtype=torch.float32, device=table.device)
-    # A bf16/fp16 table's values (and -inf) are exact in its own dtype: its blocks take half the
-    # bytes of fp32 ones, and near tiles read one per tile.
-    block_dtype = table.dtype if table.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    made = []
-    for i, (rows, cols, transposed) in enumerate(tiles):
-        if window >= 0:
-            c_first, n_blocks = window_c_range(window, rows, cols)
-        else:
-            c_first, n_blocks = near_c_range(reach, rows, cols, q_offset)
-        shape = (cols, rows) if transposed else (rows, cols)
-        blocks = torch.empty((heads, n_blocks, *shape), dtype=block_dtype, device=table.device)
-        write_lut = i == 0
-        _bias_blocks_kernel[(n_blocks + write_lut, heads)](
-            table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, blocks, c_first, n_blocks,
-            REACH=reach, ROWS=shape[0], COLS=shape[1], STEP=min(rows, cols), TRANSPOSED=transposed,
-            WRITE_LUT=write_lut, LUT_POW2=triton.next_power_of_2(2 * reach + 1), WINDOW=window)
-        made.append((blocks, c_first, n_blocks))
-    return bias_lut, made
+    bias_lut = torch.empty((heads, 2 * lut_w + 1), dtype=torch.float32, device=table.device)
+    _bias_lut_kernel[(heads,)](table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, lut_w, REACH=reach,
+                               WINDOW=window, CHUNK=256 if _interpreting() else 1024)
+    return bias_lut
+
+
+def lut_width(reach: int, window: int, tiles: list[tuple[int, int]]) -> int:
+    """Half-width of the bias row: every rel a near tile (or a `local` window tile) of these
+    (BLOCK_M, BLOCK_N) tiles can hold, |rel| < max(reach, window) + BLOCK_M + BLOCK_N."""
+    return max(reach, window) + max(rows + cols for rows, cols in tiles)
 
 
 class _Layout:
@@ -1439,8 +1369,8 @@ def _check_pattern(pattern: Pattern, q, k, causal, q_offset, varlen):
 
 
 def _with_window(table, pattern: Pattern, num_buckets: int, heads: int, device):
-    """(table, window) for the bias inputs. `local` reads every tile's bias from blocks with
-    its window's mask folded in (window = radius), so it needs a table: zeros when there is none."""
+    """(table, window) for the bias row. `local` reads every tile's bias from a row with its
+    window's mask folded in (window = radius), so it needs a table: zeros when there is none."""
     if pattern.kind != 1:
         return table, -1
     if table is None:
@@ -1466,26 +1396,26 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     block_m, block_n = tile("fwd", fp32, sparse=pattern.kind != 0)
     table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     if table is not None:
-        bias_lut, [(blocks, c_first, n_blocks)] = _bias_inputs(table, tables.lut, reach, [(block_m, block_n, False)],
-                                                               q_offset, window)
+        lut_w = lut_width(reach, window, [(block_m, block_n)])
+        bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
     else:
-        bias_lut = blocks = _dummy(q.device, torch.float32)
-        c_first, n_blocks = 0, 0
+        bias_lut, lut_w = _dummy(q.device, torch.float32), 0
     _launch(
         "fwd", (triton.cdiv(lay.seqlen_q, block_m), lay.batch * lay.heads), fp32,
-        q, k, v, out, lse, bias_lut, blocks,
+        q, k, v, out, lse, bias_lut,
         key_lengths if key_lengths is not None else dummy,
         cu_seqlens_q if lay.varlen else dummy, cu_seqlens_k if lay.varlen else dummy,
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out), *lay.lse_strides(lse),
-        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, c_first, n_blocks,
+        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, lut_w,
         _tune_len(max(lay.seqlen_q, lay.seqlen_k)),
         HAS_BIAS=table is not None, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, NEAR_INTERIOR=_near_interior(), **pattern.constexprs(),
+        BLOCK_M=block_m, BLOCK_N=block_n, **pattern.constexprs(),
         sparse=pattern.kind != 0,
     )
     if pattern.kind == 2 and pattern.num_global > 0:
-        _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, table is not None, reach, pattern, fp32)
+        _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, table is not None, reach, pattern,
+                             fp32)
     return out, lse
 
 
@@ -1518,16 +1448,14 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     dq_m, dq_n = tile("dq", fp32, sparse=pattern.kind != 0)
     kv_m, kv_n = tile("dkdv", fp32, sparse=pattern.kind != 0)
     if has_bias:
-        bias_lut, made = _bias_inputs(table, tables.lut, reach, [(dq_m, dq_n, False), (kv_m, kv_n, True)],
-                                      q_offset, window)
-        (dq_blocks, dq_c_first, dq_n_blocks), (kv_blocks, kv_c_first, kv_n_blocks) = made
+        lut_w = lut_width(reach, window, [(dq_m, dq_n), (kv_m, kv_n)])
+        bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
         seg = (tables.seg_lut, tables.seg_start, tables.seg_bucket)
         far_left, far_right = tables.far_left, tables.far_right
         parts = torch.zeros((lay.batch, lay.heads, triton.cdiv(lay.seqlen_q, dq_m), num_buckets),
                             dtype=torch.float32, device=q.device)
     else:
-        bias_lut = dq_blocks = kv_blocks = _dummy(q.device, torch.float32)
-        dq_c_first = dq_n_blocks = kv_c_first = kv_n_blocks = 0
+        bias_lut, lut_w = _dummy(q.device, torch.float32), 0
         seg = (dummy, dummy, dummy)
         far_left = far_right = 0
         parts = _dummy(q.device, torch.float32).view(1, 1, 1)
@@ -1537,22 +1465,22 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     dv = _new_like(v)
     _launch(
         "dq", (triton.cdiv(lay.seqlen_q, dq_m), bh), fp32,
-        q, k, v, do, dq, lse, delta, bias_lut, dq_blocks, *seg, parts, keylens, cu_q, cu_k,
+        q, k, v, do, dq, lse, delta, bias_lut, *seg, parts, keylens, cu_q, cu_k,
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dq),
         *lay.lse_strides(lse), parts.stride(0), parts.stride(1), parts.stride(2),
-        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, dq_c_first, dq_n_blocks, tune_len,
+        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, lut_w, tune_len,
         HAS_BIAS=has_bias, NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets),
         FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
-        BLOCK_M=dq_m, BLOCK_N=dq_n, NEAR_INTERIOR=_near_interior(), **pattern.constexprs(),
+        BLOCK_M=dq_m, BLOCK_N=dq_n, **pattern.constexprs(),
         sparse=pattern.kind != 0,
     )
     _launch(
         "dkdv", (triton.cdiv(lay.seqlen_k, kv_n), bh), fp32,
-        q, k, v, do, dk, dv, lse, delta, bias_lut, kv_blocks, keylens, cu_q, cu_k,
+        q, k, v, do, dk, dv, lse, delta, bias_lut, keylens, cu_q, cu_k,
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dk),
         *lay.strides(dv), *lay.lse_strides(lse),
-        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, kv_c_first, kv_n_blocks, tune_len,
+        lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, lut_w, tune_len,
         HAS_BIAS=has_bias, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=kv_m, BLOCK_N=kv_n, **pattern.constexprs(),
@@ -1560,8 +1488,8 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     )
     global_dtable = 0.0
     if pattern.kind == 2 and pattern.num_global > 0:
-        global_dtable = _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_lengths, has_bias,
-                                         num_buckets, reach, pattern, fp32)
+        global_dtable = _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, key_lengths,
+                                         has_bias, num_buckets, reach, pattern, fp32)
     if wants_dtable:
         # Deterministic: fixed-order torch sums over (batch, query block) partials.
         dtable = (parts.sum(dim=(0, 2)) + global_dtable).t().to(table.dtype).contiguous()
@@ -1596,7 +1524,7 @@ def _real_rows(key_lengths, batch: int, heads: int, rows: int, device) -> torch.
     return real[:, None, :].expand(batch, heads, rows).reshape(batch * heads, rows)
 
 
-def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, reach, pattern, fp32):
+def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bias, reach, pattern, fp32):
     """Out and lse of the query tiles holding the global rows: split over keys, merged in torch."""
     batch, heads, length, dim = q.shape
     block_m, block_n = tile("side", fp32)
@@ -1611,7 +1539,7 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, rea
         _global_rows_fwd_kernel, (n_chunks, batch * heads, n_tiles),
         q, k, v, part_m, part_l, part_acc, bias_lut, key_lengths if key_lengths is not None else _dummy(q.device),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), heads, length, chunk, rows,
+        v.stride(2), heads, length, chunk, rows, lut_w,
         HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, SBLOCK=pattern.block_size, NUM_GLOBAL=pattern.num_global,
     )
@@ -1629,7 +1557,7 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, key_lengths, has_bias, rea
     lse[:, :, :real] = merged_lse.view(batch, heads, rows)[:, :, :real]
 
 
-def _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, q_pos, first_keys, has_bias, reach,
+def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, first_keys, has_bias, reach,
                 pattern: Pattern):
     """dk, dv (fp32) of the key tiles holding the first `first_keys` keys, over every query, the
     query axis split into chunks (_split_dkdv_kernel) and summed: [B, H, min(tiles' keys, Lk), D].
@@ -1649,7 +1577,7 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, q_pos, first_key
         key_lengths if key_lengths is not None else _dummy(q.device), q_pos_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
-        q_pos_arg.stride(0) if q_pos is not None else 0, heads, length, k.shape[2], chunk, cols,
+        q_pos_arg.stride(0) if q_pos is not None else 0, heads, length, k.shape[2], chunk, cols, lut_w,
         HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PATTERN=pattern.kind, SBLOCK=pattern.block_size,
         NUM_GLOBAL=pattern.num_global, Q_POS_TENSOR=q_pos is not None,
@@ -1659,8 +1587,8 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, q_pos, first_key
             part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :keys])
 
 
-def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_lengths, has_bias, num_buckets,
-                     reach, pattern, fp32):
+def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, key_lengths, has_bias,
+                     num_buckets, reach, pattern, fp32):
     """dq of the global rows' tiles and dk, dv of the global keys' tiles, split and summed; returns
     their per-bucket dS sums [H, num_buckets] (zeros without a bias)."""
     batch, heads, length, dim = q.shape
@@ -1681,13 +1609,14 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, seg, key_len
     _launch_plain(
         _global_rows_dq_kernel, (n_chunks, bh, n_tiles),
         q, k, v, do, lse, delta, part_dq, part_table, bias_lut, *seg, keylens, *strides, heads, length, chunk, rows,
+        lut_w,
         NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets), BLOCK_M=block_m, BLOCK_N=block_n,
         **common,
     )
     real = min(rows, length)
     dq[:, :, :real] = part_dq.sum(0).view(batch, heads, rows, dim)[:, :, :real].to(dq.dtype)
 
-    part_dk, part_dv = _split_dkdv(q, k, v, do, lse, delta, bias_lut, key_lengths, None, n_global, has_bias,
+    part_dk, part_dv = _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, None, n_global, has_bias,
                                    reach, pattern)
     real = part_dk.shape[2]
     dk[:, :, :real] = part_dk.to(dk.dtype)
@@ -1775,7 +1704,7 @@ def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_length
         BLOCK_N=block_n,
     )
 
-    d_side_k, d_side_v = _split_dkdv(q, side_k, side_v, do, lse, delta, lut, side_lengths, block_ids,
+    d_side_k, d_side_v = _split_dkdv(q, side_k, side_v, do, lse, delta, lut, tables.reach, side_lengths, block_ids,
                                      side_k.shape[2], True, tables.reach, DENSE_PATTERN)
     d_side_k, d_side_v = d_side_k.to(side_k.dtype), d_side_v.to(side_v.dtype)
     d_table = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()

@@ -3,11 +3,10 @@
     python tools/sweep_tiles.py [--lengths 4096,16384] [--json OUT.json] [--defaults]
 
 Each variant sets T5CORE_* environment knobs (read by kernels/flash.py at every call):
-T5CORE_TILE_{FWD,DQ,DKDV}=BMxBN[xWARPSxSTAGES[xMAXNREG]], T5CORE_NEAR=block|lut. Prints forward and
+T5CORE_TILE_{FWD,DQ,DKDV}=BMxBN[xWARPSxSTAGES[xMAXNREG]]. Prints forward and
 forward+backward TFLOP/s (fwd 4BHL^2D, fwd+bwd 2.5x) for bf16, H=12, D=64, B*L=16k.
---defaults times the default tiles with a float32 and a bfloat16 bias table, the defaults
-before the fifth session (64x64 forward, uncapped dq), and no bias (an A/B of versions of the
-kernels: run it once per tree).
+--defaults times the default tiles with a float32 and a bfloat16 bias table, and no bias (an
+A/B of versions of the kernels: run it once per tree).
 --pattern local|block sweeps the sparse patterns instead (radius 127; blocks of 512 with 16
 global tokens), batch 1, reporting TFLOP/s of the visible scores only (4·H·visible·D per
 forward), so the figures compare with dense ones as throughput per visible score.
@@ -22,14 +21,13 @@ from bench_attention import SPARSE_PARAMS, visible_scores  # tools/ is on the pa
 
 FWD_VARIANTS = [  # the default first (kernels/flash.py: _TILES)
     dict(T5CORE_TILE_FWD="128x64x8x3x128"),  # 2 blocks per SM: 119-126 registers, 80 KB (1 uncapped)
-    dict(T5CORE_TILE_FWD="128x64x8x3x128", T5CORE_NEAR="lut"),  # near bias gathered, no block loads
     dict(T5CORE_TILE_FWD="128x64x8x4x128"),
     dict(T5CORE_TILE_FWD="128x64x8x2x128"),
     dict(T5CORE_TILE_FWD="128x32x4x3x128"),
     dict(T5CORE_TILE_FWD="128x32x4x3"),
     dict(T5CORE_TILE_FWD="64x64x4x3"),  # the default until the fifth session
     dict(T5CORE_TILE_FWD="64x64x4x2x128"),  # 4 blocks per SM
-    dict(T5CORE_TILE_FWD="64x64x4x2", T5CORE_NEAR="lut"),  # 4 blocks per SM: 128 registers, 42 KB
+    dict(T5CORE_TILE_FWD="64x64x4x2"),
     dict(T5CORE_TILE_FWD="128x64x8x3", buckets="none"),  # no bias at all: the base kernel's speed
     dict(T5CORE_TILE_FWD="128x64x8x3x128", buckets="none"),
 ]
@@ -54,15 +52,14 @@ SPARSE_FWD_VARIANTS = FWD_VARIANTS + [  # a 64-row local tile computes 320 key c
     dict(T5CORE_TILE_FWD="64x32x4x3"),
     dict(T5CORE_TILE_FWD="64x32x4x3x128"),  # block's forward: 139 registers, 3 blocks per SM; capped 4
 ]
-DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(T5CORE_TILE_FWD="64x64x4x3", T5CORE_TILE_DQ="64x32x4x3"),
-                    dict(buckets="none")]
+DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(buckets="none")]
 
 
 def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
     from t5core.kernels import flash_attention, sparse_attention
 
     knobs = {k: v for k, v in variant.items() if k.startswith("T5CORE")}
-    for k in ("T5CORE_TILE_FWD", "T5CORE_TILE_DQ", "T5CORE_TILE_DKDV", "T5CORE_NEAR"):
+    for k in ("T5CORE_TILE_FWD", "T5CORE_TILE_DQ", "T5CORE_TILE_DKDV"):
         os.environ.pop(k, None)
     os.environ.update(knobs)
     B = max(1, tokens // L) if pattern == "dense" else 1
@@ -111,10 +108,8 @@ def pick(rows) -> str:
     default_dq, default_dkdv = bwd[0]["variant"]["T5CORE_TILE_DQ"], bwd[0]["variant"]["T5CORE_TILE_DKDV"]
     dq = max((r for r in bwd if r["variant"]["T5CORE_TILE_DKDV"] == default_dkdv), key=_score)
     dkdv = max((r for r in bwd if r["variant"]["T5CORE_TILE_DQ"] == default_dq), key=_score)
-    near = fwd["variant"].get("T5CORE_NEAR")  # how near tiles get their bias, with the forward's tile
     return (f"export T5CORE_TILE_FWD={fwd['variant']['T5CORE_TILE_FWD']}\n"
-            + (f"export T5CORE_NEAR={near}\n" if near else "")
-            + f"export T5CORE_TILE_DQ={dq['variant']['T5CORE_TILE_DQ']}\n"
+            f"export T5CORE_TILE_DQ={dq['variant']['T5CORE_TILE_DQ']}\n"
             f"export T5CORE_TILE_DKDV={dkdv['variant']['T5CORE_TILE_DKDV']}\n")
 
 
@@ -124,6 +119,7 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--defaults", action="store_true", help="default tiles only, float32 and bfloat16 tables")
     p.add_argument("--pattern", default="dense", choices=["dense", "local", "block"])
+    p.add_argument("--only", default=None, choices=["fwd", "fwd_bwd"], help="sweep one of the two lists only")
     p.add_argument("--pick", default=None, help="write the best forward tile and the best dq and dk/dv tiles "
                    "(by the sum of TFLOP/s over the lengths) to this file as shell exports")
     args = p.parse_args()
@@ -132,6 +128,8 @@ def main():
     plan = ((("fwd", DEFAULT_VARIANTS), ("fwd_bwd", DEFAULT_VARIANTS)) if args.defaults
             else (("fwd", FWD_VARIANTS if args.pattern == "dense" else SPARSE_FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS)))
     for mode, variants in plan:
+        if args.only and mode != args.only:
+            continue
         for variant in variants:
             cells = []
             for L in lengths:

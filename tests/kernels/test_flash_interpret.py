@@ -259,25 +259,36 @@ def test_torch_compile_traces_without_graph_breaks(backend):
         assert torch.allclose(got, want)
 
 
-def test_bf16_table_gives_bf16_bias_blocks_with_exact_values(monkeypatch):
-    """A bf16 table (a bf16 model's) makes bf16 near-tile blocks: its values are exact in bf16, so
-    fp32 inputs still match the float64 reference of the same (bf16) table to fp32 precision."""
-    made = []
-    original = flash_mod._bias_inputs
+@pytest.mark.parametrize("bidirectional,window", [(True, -1), (False, -1), (True, 40), (True, 300)])
+def test_bias_row_holds_the_bias_of_every_rel_a_tile_can_hold(bidirectional, window):
+    """_bias_row entry i is table[bucket(i - lut_w), h] (beyond the reach the bucket is constant, so
+    its clamp is exact), -inf beyond a `local` window; lut_width covers the extreme rels of a near
+    tile (first key reach - 1 + BLOCK_M - 1 after the last query, or before) and of a window tile."""
+    g = torch.Generator().manual_seed(12)
+    table = torch.randn(32, 3, generator=g)
+    tables = flash_mod._bucket_tables(bidirectional, 32, 128, torch.device("cpu"))
+    tiles = [(32, 16), (16, 32)]
+    lut_w = flash_mod.lut_width(tables.reach, window, tiles)
+    for rows, cols in tiles:
+        extreme = max(tables.reach, window) - 1 + rows - 1 + cols - 1
+        assert extreme <= lut_w
+    row = flash_mod._bias_row(table, tables.lut, tables.reach, lut_w, window)
+    rel = torch.arange(-lut_w, lut_w + 1)
+    want = table[relative_position_bucket(rel, bidirectional, 32, 128)].t()
+    if window >= 0:
+        want = torch.where(rel.abs() <= window, want, float("-inf"))
+    assert torch.equal(row, want)
 
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        made.extend(blocks.dtype for blocks, _, _ in result[1])
-        return result
 
-    monkeypatch.setattr(flash_mod, "_bias_inputs", spy)
+def test_bf16_table_matches_the_float64_reference_of_that_table():
+    """A bf16 table (a bf16 model's): its values are exact in the fp32 bias row, so fp32 inputs
+    match the float64 reference of the same table to fp32 precision."""
     g = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(2, 3, 130, 32, generator=g, dtype=torch.float64) for _ in range(3))
     table = (torch.randn(32, 3, generator=g, dtype=torch.float64) * 3).to(torch.bfloat16)
     kl = torch.tensor([130, 77])
     ref = reference_attention(q, k, v, table.double(), key_lengths=kl)
     out = flash_attention(q.float(), k.float(), v.float(), table, key_lengths=kl)
-    assert made and all(dtype == torch.bfloat16 for dtype in made)
     assert rel_err(out, ref) < FP32_TOL
 
 

@@ -108,7 +108,7 @@ def test_local_far_tiles_inside_a_window_wider_than_max_distance():
 
 
 def test_local_without_a_bias_table_equals_a_zero_table():
-    # `local` folds its window into bias blocks; without a table it builds them from zeros.
+    # `local` folds its window into its bias row; without a table it builds it from zeros.
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, 2, 70, 16, generator=g, dtype=torch.float64) for _ in range(3))
     kl = torch.tensor([70, 41])
