@@ -1105,11 +1105,15 @@ _TILES = {
     "sm80": {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 128, 4, 3), "side": (64, 64)},  # unmeasured
     "fp32": {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "side": (64, 32)},  # exact fp32 dots
 }
-# The sparse patterns (local, block) visit the tiles along a window or a block's edges, where
-# narrower tiles across the window compute fewer hidden scores: 64x32 forward, 32x64 dk/dv
-# (+15% / +9% for local, +7% / +5% for block at 128k on the H200; docs/kernels.md). Their dq keeps
-# no register cap: capped, it spills 84-136 bytes with a pattern (unmeasured that way).
-_SPARSE_TILES = {"sm90": {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)}}
+# The sparse patterns (1 local, 2 block) visit the tiles along a window or a block's edges,
+# where tiles narrower across the window compute fewer hidden scores. H200 sweep at 128k, sixth
+# session (bench/results/sweep-2026-11-29-s6-{local,block}.json, visible-score TFLOP/s): local's
+# forward 64x64 at 4 blocks per SM (201.8 against 184.0 for 64x32), block's 64x32 (207.4; 64x64
+# 185.5); both backwards dq capped at 128 registers (local +7%) and dk/dv 32x64 capped.
+_SPARSE_TILES = {"sm90": {
+    1: {"fwd": (64, 64, 4, 2, 128), "dq": (64, 32, 4, 3, 128), "dkdv": (32, 64, 4, 3, 128)},
+    2: {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3, 128), "dkdv": (32, 64, 4, 3, 128)},
+}}
 _AUTOTUNE_MORE = {  # (warps, stages[, maxnreg]) pairs T5CORE_AUTOTUNE=1 tries after the default's
     "sm90": {"fwd": [(4, 3), (8, 3), (4, 2, 128)], "dq": [(4, 3), (8, 2), (4, 2)], "dkdv": [(8, 2), (4, 2), (8, 3)]},
     "sm80": {"fwd": [(8, 3), (4, 2)], "dq": [(8, 2), (4, 2)], "dkdv": [(8, 2), (4, 2)]},
@@ -1128,25 +1132,25 @@ def _capability_major(device: int) -> int:
     return torch.cuda.get_device_capability(device)[0] if device >= 0 else 8
 
 
-def launch_config(kind: str, fp32: bool, sparse: bool = False) -> tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, warps, stages[, maxnreg]) of a kernel; `sparse`: a local or block pattern.
-    Under the interpreter, or for "side", only the tile."""
+def launch_config(kind: str, fp32: bool, pattern: int = 0) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, warps, stages[, maxnreg]) of a kernel for a Pattern kind (0 dense, 1 local,
+    2 block). Under the interpreter, or for "side", only the tile."""
     if _interpreting():
         return _INTERPRET[kind]
     override = _tile_override(kind)
     if override:
-        return override if len(override) >= 4 else (*override, *_default_config(kind, fp32, sparse)[2:])
-    return _default_config(kind, fp32, sparse)
+        return override if len(override) >= 4 else (*override, *_default_config(kind, fp32, pattern)[2:])
+    return _default_config(kind, fp32, pattern)
 
 
-def _default_config(kind: str, fp32: bool, sparse: bool) -> tuple[int, ...]:
+def _default_config(kind: str, fp32: bool, pattern: int) -> tuple[int, ...]:
     family = _family(fp32)
-    return _SPARSE_TILES.get(family, {}).get(kind, _TILES[family][kind]) if sparse else _TILES[family][kind]
+    return _SPARSE_TILES.get(family, {}).get(pattern, {}).get(kind, _TILES[family][kind])
 
 
-def tile(kind: str, fp32: bool, sparse: bool = False) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of a kernel: queries x keys per tile; `sparse`: a local or block pattern."""
-    block_m, block_n = launch_config(kind, fp32, sparse)[:2]
+def tile(kind: str, fp32: bool, pattern: int = 0) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a kernel: queries x keys per tile, for a Pattern kind."""
+    block_m, block_n = launch_config(kind, fp32, pattern)[:2]
     return block_m, block_n
 
 
@@ -1189,14 +1193,14 @@ def _tuned(kind: str, family: str, default: tuple):
     return triton.autotune(configs, key=_TUNE_KEY)(_KERNELS[kind])
 
 
-def _launch(kind: str, grid: tuple, fp32: bool, *args, sparse: bool = False, **kwargs):
+def _launch(kind: str, grid: tuple, fp32: bool, *args, pattern: int = 0, **kwargs):
     """Launch one kernel with its launch_config (fixed small launch under the interpreter); with
     T5CORE_AUTOTUNE=1, autotuned among that config's and _AUTOTUNE_MORE's warps/stages."""
     kernel = _KERNELS[kind]
     if _interpreting():
         kernel[grid](*args, **kwargs)
         return
-    options = launch_config(kind, fp32, sparse)[2:]
+    options = launch_config(kind, fp32, pattern)[2:]
     if not _autotune_enabled() or _tile_override(kind):  # the default first: no second env parse per launch
         kernel[grid](*args, **_launch_options(options), **kwargs)
         return
@@ -1393,7 +1397,7 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     lse = _new(lay.lse_shape, torch.float32, q.device)
     dummy = _dummy(q.device)
     fp32 = q.dtype == torch.float32
-    block_m, block_n = tile("fwd", fp32, sparse=pattern.kind != 0)
+    block_m, block_n = tile("fwd", fp32, pattern=pattern.kind)
     table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     if table is not None:
         lut_w = lut_width(reach, window, [(block_m, block_n)])
@@ -1411,7 +1415,7 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         HAS_BIAS=table is not None, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, **pattern.constexprs(),
-        sparse=pattern.kind != 0,
+        pattern=pattern.kind,
     )
     if pattern.kind == 2 and pattern.num_global > 0:
         _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, table is not None, reach, pattern,
@@ -1445,8 +1449,8 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     wants_dtable = table is not None
     table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     has_bias = table is not None
-    dq_m, dq_n = tile("dq", fp32, sparse=pattern.kind != 0)
-    kv_m, kv_n = tile("dkdv", fp32, sparse=pattern.kind != 0)
+    dq_m, dq_n = tile("dq", fp32, pattern=pattern.kind)
+    kv_m, kv_n = tile("dkdv", fp32, pattern=pattern.kind)
     if has_bias:
         lut_w = lut_width(reach, window, [(dq_m, dq_n), (kv_m, kv_n)])
         bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
@@ -1473,7 +1477,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=dq_m, BLOCK_N=dq_n, **pattern.constexprs(),
-        sparse=pattern.kind != 0,
+        pattern=pattern.kind,
     )
     _launch(
         "dkdv", (triton.cdiv(lay.seqlen_k, kv_n), bh), fp32,
@@ -1484,7 +1488,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         HAS_BIAS=has_bias, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=kv_m, BLOCK_N=kv_n, **pattern.constexprs(),
-        sparse=pattern.kind != 0,
+        pattern=pattern.kind,
     )
     global_dtable = 0.0
     if pattern.kind == 2 and pattern.num_global > 0:

@@ -308,16 +308,19 @@ def test_autotuned_launchers_are_built_once_with_the_listed_configs(monkeypatch)
 
 def test_launch_configs_per_pattern_and_the_tile_override(monkeypatch):
     # A sparse pattern takes its own tile *and* warps (the dense forward's 8 warps would be wrong for
-    # its 64x32 tile); a tile-only override keeps the default launch options; a full one replaces them.
+    # its 64-row tiles); a tile-only override keeps the default launch options; a full one replaces them.
     monkeypatch.setattr(flash_mod, "_interpreting", lambda: False)
     monkeypatch.setattr(flash_mod, "_family", lambda fp32: "fp32" if fp32 else "sm90")
     monkeypatch.delenv("T5CORE_TILE_FWD", raising=False)
-    dense, sparse = flash_mod.launch_config("fwd", False), flash_mod.launch_config("fwd", False, sparse=True)
-    assert dense == flash_mod._TILES["sm90"]["fwd"] and sparse == flash_mod._SPARSE_TILES["sm90"]["fwd"]
-    assert dense[2:] != sparse[2:]
-    assert flash_mod.launch_config("side", False, sparse=True) == flash_mod._TILES["sm90"]["side"]  # no sparse entry
+    dense = flash_mod.launch_config("fwd", False)
+    local, block = (flash_mod.launch_config("fwd", False, pattern) for pattern in (1, 2))
+    assert dense == flash_mod._TILES["sm90"]["fwd"]
+    assert local == flash_mod._SPARSE_TILES["sm90"][1]["fwd"] and block == flash_mod._SPARSE_TILES["sm90"][2]["fwd"]
+    assert dense[2:] != local[2:] and dense[2:] != block[2:]
+    assert flash_mod.launch_config("side", False, 1) == flash_mod._TILES["sm90"]["side"]  # no sparse entry
+    assert flash_mod.launch_config("fwd", True, 1) == flash_mod._TILES["fp32"]["fwd"]  # no fp32 sparse tiles
     monkeypatch.setenv("T5CORE_TILE_FWD", "64x32")
-    assert flash_mod.launch_config("fwd", False, sparse=True) == (64, 32, *sparse[2:])
+    assert flash_mod.launch_config("fwd", False, 1) == (64, 32, *local[2:])
     assert flash_mod.launch_config("fwd", False) == (64, 32, *dense[2:])
     monkeypatch.setenv("T5CORE_TILE_FWD", "64x64x4x2x128")
     assert flash_mod.launch_config("fwd", False) == (64, 64, 4, 2, 128)
