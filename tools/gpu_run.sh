@@ -36,12 +36,26 @@ in_candidates() {  # prefix, seconds, command...: a step in each AB_FILES candid
     (cd "/tmp/ab_$name" && PYTHONPATH="/tmp/ab_$name" step "${prefix}_$name" "$limit" "${@//NAME/$name}")
   done
 }
-step() {  # name, seconds, command...
+step() {  # name, seconds, command...: in its own process group, all of it killed at the limit
+  # (a plain `timeout` kills pytest but not its xdist workers, which then run beside the next step)
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s)"
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  echo "=== $name: exit $? after $((SECONDS - start))s"
+  if ! command -v setsid > /dev/null; then  # no util-linux: the old way
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start))s (no setsid: children may outlive the limit)"
+    grep -vE '^\{|Warning|warn\(' "$OUT/$name.txt" | tail -${TAIL:-14}
+    return
+  fi
+  setsid "$@" > "$OUT/$name.txt" 2>&1 &
+  local pid=$!
+  ( sleep "$limit"; kill -TERM -- -"$pid" 2>/dev/null; sleep 5; kill -KILL -- -"$pid" 2>/dev/null ) &
+  local watchdog=$!
+  wait "$pid"
+  local rc=$?
+  kill "$watchdog" 2>/dev/null; wait "$watchdog" 2>/dev/null
+  kill -KILL -- -"$pid" 2>/dev/null  # whatever the step left running
+  echo "=== $name: exit $rc after $((SECONDS - start))s"
   grep -vE '^\{|Warning|warn\(' "$OUT/$name.txt" | tail -${TAIL:-14}
 }
 for s in ${STEPS:-tests attention model generate}; do

@@ -7,7 +7,7 @@
 bf16, 12 heads, head dim 64, batch x length = 16k tokens (as bench_attention.py). For each
 length, forward and forward+backward with the T5 bias and without: the kernels by total CUDA
 time per call (torch.profiler), so the cost of the bias shows kernel by kernel (near tiles in
-the main kernels, the bias-block and table-gradient kernels around them). --pattern local or
+the main kernels, the bias-row and table-gradient kernels around them). --pattern local or
 block profiles the sparse patterns (radius 127; blocks of 512 with 16 global tokens), batch 1.
 A diagnosis tool: the benchmark is bench_attention.py.
 """
