@@ -78,11 +78,11 @@ if triton is not None:
         idx = tl.minimum(tl.maximum(rel, -MAX_DISTANCE), MAX_DISTANCE) + MAX_DISTANCE
         return tl.load(lut_ptr + idx)
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.version.hip is not None:
 
         @triton.jit
         def _load_lut(ptrs):
-            return tl.load(ptrs)  # the interpreter runs no PTX; same values
+            return tl.load(ptrs)  # the interpreter and ROCm run no PTX: same values, converted layout
     else:
 
         @triton.jit
