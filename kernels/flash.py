@@ -245,6 +245,20 @@ def _tile_bias(c, q_pos, cols, bias_row, MODE: tl.constexpr, REACH: tl.constexpr
         return lut_gather(cols[None, :] - q_pos[:, None], bias_row, REACH)
 
 
+@triton.jit
+def _head_bias(BiasLUT, h, lut_w, HAS_BIAS: tl.constexpr, REACH: tl.constexpr, PATTERN: tl.constexpr):
+    """(rel 0 of head h's bias row, far-left bias, far-right bias), the far ones in the exp2
+    domain; 0 without a bias or for `local` (no far tiles: its row is -inf beyond the window)."""
+    bias_row = BiasLUT + h * (2 * lut_w + 1) + lut_w
+    if HAS_BIAS and PATTERN != LOCAL:
+        c_left = tl.load(bias_row - REACH) * LOG2E
+        c_right = tl.load(bias_row + REACH) * LOG2E
+    else:
+        c_left = 0.0
+        c_right = 0.0
+    return bias_row, c_left, c_right
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -342,13 +356,7 @@ def _fwd_kernel(
     else:
         DIST: tl.constexpr = 1  # no bias: "far" just means fully visible
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
-    bias_row = BiasLUT + h * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
-    if HAS_BIAS and PATTERN != LOCAL:
-        c_left = tl.load(bias_row - REACH) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + REACH) * LOG2E
-    else:
-        c_left = 0.0
-        c_right = 0.0
+    bias_row, c_left, c_right = _head_bias(BiasLUT, h, lut_w, HAS_BIAS, REACH, PATTERN)
 
     lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
                                                           SBLOCK, NUM_GLOBAL, BLOCK_M, BLOCK_N)
@@ -573,13 +581,7 @@ def _bwd_dq_kernel(
     else:
         DIST: tl.constexpr = 1
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
-    bias_row = BiasLUT + h * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
-    if HAS_BIAS and PATTERN != LOCAL:
-        c_left = tl.load(bias_row - REACH) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + REACH) * LOG2E
-    else:
-        c_left = 0.0
-        c_right = 0.0
+    bias_row, c_left, c_right = _head_bias(BiasLUT, h, lut_w, HAS_BIAS, REACH, PATTERN)
 
     lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
                                                           SBLOCK, NUM_GLOBAL, BLOCK_M, BLOCK_N)
@@ -733,13 +735,7 @@ def _bwd_dkdv_kernel(
         DIST: tl.constexpr = REACH
     else:
         DIST: tl.constexpr = 1
-    bias_row = BiasLUT + h * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
-    if HAS_BIAS and PATTERN != LOCAL:
-        c_left = tl.load(bias_row - REACH) * LOG2E  # far bias, in the exp2 domain
-        c_right = tl.load(bias_row + REACH) * LOG2E
-    else:
-        c_left = 0.0
-        c_right = 0.0
+    bias_row, c_left, c_right = _head_bias(BiasLUT, h, lut_w, HAS_BIAS, REACH, PATTERN)
     if n0 < kv_len:
         q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
         do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start.to(tl.int64) * stride_dom
