@@ -207,6 +207,7 @@ def _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN: tl.co
 FAR: tl.constexpr = tl.constexpr(0)  # constant bias (or none): folded into the exp2 offset
 NEAR: tl.constexpr = tl.constexpr(1)  # rels within the bias row: c + (j - i), no clamp
 ANY: tl.constexpr = tl.constexpr(2)  # any tile, any query positions: rel clamped to +-reach
+NEAR_AHEAD: tl.constexpr = tl.constexpr(3)  # NEAR, each tile's bias gathered during the tile before
 
 
 @triton.jit
@@ -272,6 +273,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
                BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
                NUM_GLOBAL: tl.constexpr):
     # PATTERN != DENSE: a sparse boundary tile; scores the pattern hides are masked (non-far modes only).
+    # NEAR_AHEAD (the dense kernel's interior near tiles, bias on): the next tile's bias is gathered
+    # while this tile's PV dot runs, so the gathers' latency is off the QK^T dot's path.
+    if MODE == NEAR_AHEAD:
+        ahead = _tile_bias(start - m0 - q_offset, q_pos, offs_n, bias_row, NEAR, REACH, BLOCK_M, BLOCK_N, False)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         if MASK_K:
@@ -290,7 +295,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
         else:
             # Scores stay in natural units (the bias added by the dot itself); the base-2 scaling
             # goes into the max and one FMA per score.
-            if HAS_BIAS:
+            if MODE == NEAR_AHEAD:
+                qk = _dot_acc(q, tl.trans(k), ahead, FP32_DOT)
+                ahead = _tile_bias(start_n + BLOCK_N - m0 - q_offset, q_pos, cols, bias_row, NEAR, REACH, BLOCK_M,
+                                   BLOCK_N, False)  # past the last tile: still inside the row (lut_width)
+            elif HAS_BIAS:
                 bias = _tile_bias(start_n - m0 - q_offset, q_pos, cols, bias_row, MODE, REACH, BLOCK_M, BLOCK_N,
                                   False)
                 qk = _dot_acc(q, tl.trans(k), bias, FP32_DOT)
@@ -385,9 +394,14 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, c_left,
                                    kv_len, i0, f0, m0, q_offset, offs_n, offs_d, FAR, False, HAS_BIAS, CAUSAL, REACH,
                                    FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
-                                   kv_len, f0, f1, m0, q_offset, offs_n, offs_d, NEAR, False, HAS_BIAS, CAUSAL, REACH,
-                                   FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        if HAS_BIAS and PATTERN == DENSE and not CAUSAL:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                       kv_len, f0, f1, m0, q_offset, offs_n, offs_d, NEAR_AHEAD, False, HAS_BIAS,
+                                       CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        else:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                       kv_len, f0, f1, m0, q_offset, offs_n, offs_d, NEAR, False, HAS_BIAS, CAUSAL,
+                                       REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, c_right,
                                    kv_len, f1, i1, m0, q_offset, offs_n, offs_d, FAR, False, HAS_BIAS, CAUSAL, REACH,
                                    FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
@@ -1396,7 +1410,7 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     block_m, block_n = tile("fwd", fp32, pattern=pattern.kind)
     table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     if table is not None:
-        lut_w = lut_width(reach, window, [(block_m, block_n)])
+        lut_w = lut_width(reach, window, [(block_m, 2 * block_n)])  # NEAR_AHEAD reads one tile past the band
         bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
     else:
         bias_lut, lut_w = _dummy(q.device, torch.float32), 0
