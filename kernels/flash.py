@@ -468,8 +468,8 @@ def _bwd_delta_kernel(Out, DO, Delta, CuQ,
 def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, q_pos,
               bias_row, SegLUT, SegStart, SegBucket, far_bias, kv_len, start, end, m0,
               q_offset, offs_n, offs_d, nb_idx,
-              MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-              REACH: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+              MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr,
+              CAUSAL: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
               NUM_GLOBAL: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
@@ -501,7 +501,7 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
         dp = _dot(do, tl.trans(v), FP32_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, FP32_DOT)
-        if HAS_BIAS:
+        if DTABLE:  # the table's gradient: per-bucket sums of dS
             if MODE == FAR:
                 acc_rows += tl.sum(ds, 1)
             else:
@@ -558,7 +558,7 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_pb, stride_ph, stride_pm,
     num_heads, seqlen_q, seqlen_k, q_offset, lut_w, tune_len,
-    HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr,
     FAR_LEFT_BUCKET: tl.constexpr, FAR_RIGHT_BUCKET: tl.constexpr,
     REACH: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -606,52 +606,54 @@ def _bwd_dq_kernel(
     acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
     if PATTERN == LOCAL:  # every tile reads the window's bias row (see the forward)
         split = tl.minimum(tl.maximum(n_full, a0), e1)
-        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                         stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, a0,
-                                         split, m0, q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, CAUSAL,
-                                         REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                         stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, split,
-                                         e1, m0, q_offset, offs_n, offs_d, nb_idx, NEAR, True, HAS_BIAS, CAUSAL,
-                                         REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                         q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, a0, split, m0,
+                                         q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                         FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                         q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, split, e1, m0,
+                                         q_offset, offs_n, offs_d, nb_idx, NEAR, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                         FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                              stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, 0,
                                              lead_end, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS,
-                                             CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
+                                             DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
                                              NUM_GLOBAL)
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                              stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, a0,
-                                             i0, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, CAUSAL,
-                                             REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                             i0, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE,
+                                             CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
+                                             NUM_GLOBAL)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                          q_pos, bias_row, SegLUT, SegStart, SegBucket, c_left, kv_len, i0, f0, m0,
-                                         q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, CAUSAL, REACH,
+                                         q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
                                          FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                          q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, f0, f1, m0,
-                                         q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, CAUSAL, REACH,
+                                         q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
                                          FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                           stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, c_right, kv_len, f1,
-                                          i1, m0, q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, CAUSAL,
-                                          REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                          i1, m0, q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE,
+                                          CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         if PATTERN == DENSE:
             if n_full < hi:
                 dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                                  stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len,
                                                  n_full, n_full + BLOCK_N, m0, q_offset, offs_n, offs_d, nb_idx, ANY,
-                                                 True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1,
-                                                 0)
+                                                 True, HAS_BIAS, DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
+                                                 DENSE, 0, 1, 0)
         else:
             dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
                                              stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, i1,
-                                             e1, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, CAUSAL,
-                                             REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+                                             e1, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE,
+                                             CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
+                                             NUM_GLOBAL)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
-    if HAS_BIAS:
+    if DTABLE:
         acc_nb += tl.where(nb_idx == FAR_LEFT_BUCKET, tl.sum(acc_left, 0), 0.0)
         acc_nb += tl.where(nb_idx == FAR_RIGHT_BUCKET, tl.sum(acc_right, 0), 0.0)
         tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, acc_nb,
@@ -879,9 +881,9 @@ def _global_rows_dq_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
     num_heads, seqlen, chunk, rows_total, lut_w,
-    HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr, HAS_KEYLENS: tl.constexpr,
-    REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr,
+    HAS_KEYLENS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
 ):
     """Partial dq of query tile t over keys [c * chunk, (c + 1) * chunk), and its per-bucket dS sums."""
     c, pid_bh, b64, h64, kv_len = _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS)
@@ -904,11 +906,11 @@ def _global_rows_dq_kernel(
     acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
     dq, acc_rows, acc_nb = _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                      offs_m, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, start, end, m0, 0,
-                                     offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, False, REACH, FP32_DOT, BLOCK_M,
-                                     BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+                                     offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, False, REACH, FP32_DOT,
+                                     BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartDQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq)
-    if HAS_BIAS:  # [chunk, B*H, tile, bucket]
+    if DTABLE:  # [chunk, B*H, tile, bucket]
         slot = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * tl.num_programs(2) + t
         tl.store(PartTable + slot * NUM_BUCKETS + nb_idx, acc_nb, mask=nb_idx < NUM_BUCKETS)
 
@@ -1072,20 +1074,20 @@ def _side_dq_kernel(
     c_right = tl.load(bias_row + REACH) * LOG2E
     dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                      q_pos, bias_row, SegLUT, SegStart, SegBucket, c_left, n_side, 0, left_end, first,
-                                     0, offs_n, offs_d, nb_idx, FAR, False, True, False, REACH, FP32_DOT, BLOCK_M,
+                                     0, offs_n, offs_d, nb_idx, FAR, False, True, True, False, REACH, FP32_DOT, BLOCK_M,
                                      BLOCK_N, DENSE, 0, 1, 0)
     dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                      q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, n_side, left_end, right_start,
-                                     first, 0, offs_n, offs_d, nb_idx, ANY, False, True, False, REACH, FP32_DOT,
+                                     first, 0, offs_n, offs_d, nb_idx, ANY, False, True, True, False, REACH, FP32_DOT,
                                      BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                       q_pos, bias_row, SegLUT, SegStart, SegBucket, c_right, n_side, right_start,
-                                      n_full, first, 0, offs_n, offs_d, nb_idx, FAR, False, True, False, REACH,
+                                      n_full, first, 0, offs_n, offs_d, nb_idx, FAR, False, True, True, False, REACH,
                                       FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                      q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, n_side, n_full,
                                      tl.cdiv(n_side, BLOCK_N) * BLOCK_N, first, 0, offs_n, offs_d, nb_idx, ANY, True,
-                                     True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                     True, True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     acc_nb += tl.where(nb_idx == FAR_LEFT_BUCKET, tl.sum(acc_left, 0), 0.0)
     acc_nb += tl.where(nb_idx == FAR_RIGHT_BUCKET, tl.sum(acc_right, 0), 0.0)
     tl.store(DQ + ((b64 * num_heads + h64) * seqlen + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq,
@@ -1434,8 +1436,10 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 
 
 def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN):
-    """Returns (dq, dk, dv, dtable); dtable is an empty tensor when table is None."""
+             bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN,
+             table_grad: bool = True):
+    """Returns (dq, dk, dv, dtable); dtable is an empty tensor when table is None or not table_grad (a
+    frozen table: the dq kernel then skips the per-bucket dS sums, most of a near tile's cost)."""
     tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
     reach = tables.reach
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
@@ -1456,7 +1460,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         lay.heads, lay.seqlen_q, IS_VARLEN=lay.varlen, HEAD_DIM=lay.head_dim, BLOCK_M=block,
     )
 
-    wants_dtable = table is not None
+    wants_dtable = table is not None and table_grad
     table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     has_bias = table is not None
     dq_m, dq_n = tile("dq", fp32, pattern=pattern.kind)
@@ -1464,12 +1468,14 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     if has_bias:
         lut_w = lut_width(reach, window, [(dq_m, dq_n), (kv_m, kv_n)])
         bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
+    else:
+        bias_lut, lut_w = _dummy(q.device, torch.float32), 0
+    if wants_dtable:
         seg = (tables.seg_lut, tables.seg_start, tables.seg_bucket)
         far_left, far_right = tables.far_left, tables.far_right
         parts = torch.zeros((lay.batch, lay.heads, triton.cdiv(lay.seqlen_q, dq_m), num_buckets),
                             dtype=torch.float32, device=q.device)
     else:
-        bias_lut, lut_w = _dummy(q.device, torch.float32), 0
         seg = (dummy, dummy, dummy)
         far_left = far_right = 0
         parts = _dummy(q.device, torch.float32).view(1, 1, 1)
@@ -1483,8 +1489,8 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dq),
         *lay.lse_strides(lse), parts.stride(0), parts.stride(1), parts.stride(2),
         lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, lut_w, tune_len,
-        HAS_BIAS=has_bias, NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets),
-        FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, REACH=reach, CAUSAL=causal,
+        HAS_BIAS=has_bias, DTABLE=wants_dtable, NUM_BUCKETS=num_buckets,
+        NB_POW2=triton.next_power_of_2(num_buckets), FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=dq_m, BLOCK_N=dq_n, **pattern.constexprs(),
         pattern=pattern.kind,
@@ -1503,7 +1509,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     global_dtable = 0.0
     if pattern.kind == 2 and pattern.num_global > 0:
         global_dtable = _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, key_lengths,
-                                         has_bias, num_buckets, reach, pattern, fp32)
+                                         has_bias, wants_dtable, num_buckets, reach, pattern, fp32)
     if wants_dtable:
         # Deterministic: fixed-order torch sums over (batch, query block) partials.
         dtable = (parts.sum(dim=(0, 2)) + global_dtable).t().to(table.dtype).contiguous()
@@ -1602,9 +1608,9 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, fi
 
 
 def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, key_lengths, has_bias,
-                     num_buckets, reach, pattern, fp32):
+                     wants_dtable, num_buckets, reach, pattern, fp32):
     """dq of the global rows' tiles and dk, dv of the global keys' tiles, split and summed; returns
-    their per-bucket dS sums [H, num_buckets] (zeros without a bias)."""
+    their per-bucket dS sums [H, num_buckets] (zeros unless wants_dtable)."""
     batch, heads, length, dim = q.shape
     bh = batch * heads
     keylens = key_lengths if key_lengths is not None else _dummy(q.device)
@@ -1624,8 +1630,8 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, 
         _global_rows_dq_kernel, (n_chunks, bh, n_tiles),
         q, k, v, do, lse, delta, part_dq, part_table, bias_lut, *seg, keylens, *strides, heads, length, chunk, rows,
         lut_w,
-        NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets), BLOCK_M=block_m, BLOCK_N=block_n,
-        **common,
+        DTABLE=wants_dtable, NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets),
+        BLOCK_M=block_m, BLOCK_N=block_n, **common,
     )
     real = min(rows, length)
     dq[:, :, :real] = part_dq.sum(0).view(batch, heads, rows, dim)[:, :, :real].to(dq.dtype)

@@ -40,16 +40,17 @@ def _(q, k, v, table, key_lengths, bidirectional, num_buckets, max_distance, cau
 @torch.library.custom_op("t5core::flash_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Optional[Tensor],
          key_lengths: Optional[Tensor], bidirectional: bool, num_buckets: int, max_distance: int, causal: bool,
-         q_offset: int, pattern: int = 0, radius: int = 0, block_size: int = 1, num_global: int = 0
-         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+         q_offset: int, pattern: int = 0, radius: int = 0, block_size: int = 1, num_global: int = 0,
+         table_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return flash.backward(do, q, k, v, out, lse, table, key_lengths, None, None, 0, 0, bidirectional, num_buckets,
-                          max_distance, causal, q_offset, flash.Pattern(pattern, radius, block_size, num_global))
+                          max_distance, causal, q_offset, flash.Pattern(pattern, radius, block_size, num_global),
+                          table_grad)
 
 
 @_bwd.register_fake
 def _(do, q, k, v, out, lse, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset,
-      pattern=0, radius=0, block_size=1, num_global=0):
-    dtable = torch.empty_like(table) if table is not None else q.new_empty(0)
+      pattern=0, radius=0, block_size=1, num_global=0, table_grad=True):
+    dtable = torch.empty_like(table) if table is not None and table_grad else q.new_empty(0)
     return flash.empty_like_input(q), flash.empty_like_input(k), flash.empty_like_input(v), dtable
 
 
@@ -63,8 +64,9 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, table, key_lengths = ctx.saved_tensors
-    dq, dk, dv, dtable = _bwd(dout, q, k, v, out, lse, table, key_lengths, *ctx.params)
-    return (dq, dk, dv, (dtable if table is not None else None)) + (None,) * (len(ctx.params) + 1)
+    table_grad = ctx.needs_input_grad[3]  # a frozen table: no per-bucket dS sums
+    dq, dk, dv, dtable = _bwd(dout, q, k, v, out, lse, table, key_lengths, *ctx.params, table_grad=table_grad)
+    return (dq, dk, dv, (dtable if table_grad else None)) + (None,) * (len(ctx.params) + 1)
 
 
 _fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -90,16 +92,16 @@ def _(q, k, v, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bi
 @torch.library.custom_op("t5core::flash_attention_varlen_bwd", mutates_args=())
 def _varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Optional[Tensor],
                 cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                bidirectional: bool, num_buckets: int, max_distance: int, causal: bool
+                bidirectional: bool, num_buckets: int, max_distance: int, causal: bool, table_grad: bool = True
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return flash.backward(do, q, k, v, out, lse, table, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k, bidirectional, num_buckets, max_distance, causal, 0)
+                          max_seqlen_k, bidirectional, num_buckets, max_distance, causal, 0, table_grad=table_grad)
 
 
 @_varlen_bwd.register_fake
 def _(do, q, k, v, out, lse, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bidirectional,
-      num_buckets, max_distance, causal):
-    dtable = torch.empty_like(table) if table is not None else q.new_empty(0)
+      num_buckets, max_distance, causal, table_grad=True):
+    dtable = torch.empty_like(table) if table is not None and table_grad else q.new_empty(0)
     return flash.empty_like_input(q), flash.empty_like_input(k), flash.empty_like_input(v), dtable
 
 
@@ -113,8 +115,9 @@ def _varlen_setup(ctx, inputs, output):
 
 def _varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse, table, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv, dtable = _varlen_bwd(dout, q, k, v, out, lse, table, cu_q, cu_k, *ctx.params)
-    return dq, dk, dv, (dtable if table is not None else None), None, None, None, None, None, None, None, None
+    table_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, dtable = _varlen_bwd(dout, q, k, v, out, lse, table, cu_q, cu_k, *ctx.params, table_grad=table_grad)
+    return dq, dk, dv, (dtable if table_grad else None), None, None, None, None, None, None, None, None
 
 
 _varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
@@ -197,8 +200,9 @@ class _TransientGlobal(torch.autograd.Function):
         pattern, num_buckets, max_distance = ctx.params
         # Each part's gradient from the merged softmax: P = 2^(S - lse) with the merged lse, and
         # delta from the merged output, as for any attention over a union of key sets.
+        table_grad = ctx.needs_input_grad[3]
         dq, dk, dv, dtable = flash.backward(dout, q, k, v, out, lse, table, key_lengths, None, None, 0, 0, True,
-                                            num_buckets, max_distance, False, 0, pattern)
+                                            num_buckets, max_distance, False, 0, pattern, table_grad)
         d_side_k = d_side_v = d_global = None
         if side_k.shape[2] > 0:
             dq_side, d_side_k, d_side_v, d_global = flash.side_backward(
@@ -207,7 +211,7 @@ class _TransientGlobal(torch.autograd.Function):
         else:
             d_side_k, d_side_v = torch.zeros_like(side_k), torch.zeros_like(side_v)
             d_global = torch.zeros_like(global_table)
-        return (dq, dk, dv, dtable if table is not None else None, d_side_k, d_side_v, d_global, None, None, None,
+        return (dq, dk, dv, dtable if table_grad else None, d_side_k, d_side_v, d_global, None, None, None,
                 None, None)
 
 

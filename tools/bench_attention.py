@@ -51,7 +51,8 @@ def parse_args():
     p.add_argument("--peers", default=",".join(ALL_PEERS), help=f"subset of {ALL_PEERS}")
     p.add_argument("--flex-max-len", type=int, default=16384, help="skip flex above this length (compile time)")
     p.add_argument("--eager-max-len", type=int, default=32768, help="skip HF eager math above this length")
-    p.add_argument("--modes", default="fwd,fwd_bwd")
+    p.add_argument("--modes", default="fwd,fwd_bwd", help="fwd, fwd_bwd; with --sparse also fwd_bwd_frozen "
+                   "(forward+backward with the bias tables frozen: no table gradient)")
     p.add_argument("--num-buckets", type=int, default=32, help="t5core only (diagnostics: 4 with --max-distance 2 "
                    "leaves almost no near-diagonal tiles)")
     p.add_argument("--max-distance", type=int, default=128, help="t5core only")
@@ -247,18 +248,18 @@ def sparse_main(args):
                            density=scores / (L * L))
                 try:
                     torch.manual_seed(0)
-                    need_grad = kind == "fwd_bwd"
+                    need_grad = kind in ("fwd_bwd", "fwd_bwd_frozen")  # frozen: the tables get no gradient
                     q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=dtype, requires_grad=need_grad)
                                for _ in range(3))
                     table = (torch.randn(32, H, device="cuda") * 3).to(getattr(torch, args.table_dtype))
-                    table.requires_grad_(need_grad)
+                    table.requires_grad_(kind == "fwd_bwd")
                     if mode == "dense":
                         fn = lambda: flash_attention(q, k, v, table)  # noqa: E731
                     elif mode == "transient-global":
                         side = L // args.global_block_size
                         side_k, side_v = (torch.randn(1, H, side, D, device="cuda", dtype=dtype,
                                                       requires_grad=need_grad) for _ in range(2))
-                        global_table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(need_grad)
+                        global_table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(kind == "fwd_bwd")
                         block_ids = (torch.arange(L, device="cuda") // args.global_block_size)[None]
                         fn = lambda: transient_global_attention(  # noqa: E731
                             q, k, v, table, side_k, side_v, global_table, block_ids, local_radius=args.local_radius)

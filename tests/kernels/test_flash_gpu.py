@@ -18,7 +18,7 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def compare(B, H, Lq, Lk, D, dtype, *, with_table=True, key_lengths=None, seed=0, **kw):
+def compare(B, H, Lq, Lk, D, dtype, *, with_table=True, key_lengths=None, seed=0, frozen_table=False, **kw):
     from t5core.kernels import flash_attention
 
     from .reference import reference_attention
@@ -28,14 +28,17 @@ def compare(B, H, Lq, Lk, D, dtype, *, with_table=True, key_lengths=None, seed=0
                      for L in (Lq, Lk, Lk))
     table64 = torch.randn(32, H, generator=g, device="cuda", dtype=torch.float64) * 3 if with_table else None
     kl = torch.tensor(key_lengths, device="cuda") if key_lengths is not None else None
-    leaves = [t.to(dtype).requires_grad_() for t in (q64, k64, v64, table64) if t is not None]
+    # frozen_table: the table gets no gradient (the dq kernel skips the per-bucket dS sums).
+    leaves = [t.to(dtype).requires_grad_(i < 3 or not frozen_table)
+              for i, t in enumerate((q64, k64, v64, table64)) if t is not None]
     # The reference sees the same (rounded) inputs, in float64.
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
     ref = reference_attention(*leaves64[:3], leaves64[3] if with_table else None, key_lengths=kl, **kw)
     dout = torch.randn(ref.shape, generator=g, device="cuda", dtype=torch.float64)
-    ref_grads = torch.autograd.grad(ref, leaves64, dout)
+    ref_grads = torch.autograd.grad(ref, [leaves64[i] for i in wanted], dout)
     out = flash_attention(*leaves[:3], leaves[3] if with_table else None, key_lengths=kl, **kw)
-    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    grads = torch.autograd.grad(out, [leaves[i] for i in wanted], dout.to(dtype))
     tol = TOL[dtype]
     errs = {"out": rel_err(out, ref)}
     errs.update({n: rel_err(gr, rg) for n, gr, rg in zip(["dq", "dk", "dv", "dtable"], grads, ref_grads)})
@@ -47,6 +50,11 @@ def compare(B, H, Lq, Lk, D, dtype, *, with_table=True, key_lengths=None, seed=0
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_encoder_with_padding(dtype):
     compare(2, 4, 1000, 1000, 64, dtype, key_lengths=[1000, 613], bidirectional=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_encoder_with_a_frozen_table(dtype):
+    compare(2, 4, 1000, 1000, 64, dtype, key_lengths=[1000, 613], bidirectional=True, frozen_table=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -193,6 +193,42 @@ def test_table_grad_keeps_table_dtype():
     assert table.grad.dtype == torch.bfloat16 and torch.isfinite(table.grad).all()
 
 
+def spy_dtable_flags(monkeypatch) -> list:
+    """The DTABLE flag of every dq launch (the per-bucket dS sums on or off)."""
+    flags, launch = [], flash_mod._launch
+
+    def spy(kind, *args, **kwargs):
+        if kind == "dq":
+            flags.append(kwargs["DTABLE"])
+        return launch(kind, *args, **kwargs)
+    monkeypatch.setattr(flash_mod, "_launch", spy)
+    return flags
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_frozen_table_skips_the_bucket_sums_and_keeps_the_other_gradients(monkeypatch, causal):
+    # A frozen bias table (LoRA-style fine-tuning): no table gradient, so the dq kernel runs
+    # without the per-bucket dS sums; dq, dk, dv must not change.
+    g = torch.Generator().manual_seed(21)
+    B, H, Lq, Lk = 2, 3, 45 if causal else 130, 130
+    q64, k64, v64 = (torch.randn(B, H, L, 32, generator=g, dtype=torch.float64).requires_grad_()
+                     for L in (Lq, Lk, Lk))
+    table64 = torch.randn(32, H, generator=g, dtype=torch.float64) * 3  # no requires_grad: frozen
+    kw = dict(bidirectional=not causal, causal=causal, q_offset=Lk - Lq if causal else 0,
+              key_lengths=torch.tensor([Lk, 77]))
+    ref = reference_attention(q64, k64, v64, table64, **kw)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, [q64, k64, v64], dout)
+    flags = spy_dtable_flags(monkeypatch)
+    leaves = [t.detach().float().requires_grad_() for t in (q64, k64, v64)]
+    table = table64.float()
+    out = flash_attention(*leaves, table, **kw)
+    out.backward(dout.float())
+    assert flags == [False] and table.grad is None
+    for name, leaf, ref_grad in zip(["dq", "dk", "dv"], leaves, ref_grads):
+        assert rel_err(leaf.grad, ref_grad) < FP32_TOL, f"{name}: {rel_err(leaf.grad, ref_grad):.2e}"
+
+
 # ---- varlen ------------------------------------------------------------------------------------
 
 

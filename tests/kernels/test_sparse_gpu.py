@@ -35,7 +35,9 @@ def blocked_reference(q, k, v, table, pattern, lengths, params):
     return block_attention(q, k, v, bias, valid, params["block_size"], params["num_global"])
 
 
-def compare(pattern, B, H, L, D, dtype, lengths, *, dense=False, seed=0, **overrides):
+def compare(pattern, B, H, L, D, dtype, lengths, *, dense=False, seed=0, frozen_table=False, **overrides):
+    """Output and gradients against a float64 reference; frozen_table: the table gets no gradient
+    (the dq kernels skip the per-bucket dS sums), the other gradients must not change."""
     from t5core.kernels import sparse_attention
 
     from .reference import reference_sparse
@@ -43,17 +45,18 @@ def compare(pattern, B, H, L, D, dtype, lengths, *, dense=False, seed=0, **overr
     params = dict(MODES[pattern], **overrides)
     g = torch.Generator(device="cuda").manual_seed(seed)
     leaves = [torch.randn(B, H, L, D, generator=g, device="cuda").to(dtype).requires_grad_() for _ in range(3)]
-    leaves.append((torch.randn(32, H, generator=g, device="cuda") * 3).to(dtype).requires_grad_())
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]  # the same (rounded) inputs
+    leaves.append((torch.randn(32, H, generator=g, device="cuda") * 3).to(dtype).requires_grad_(not frozen_table))
+    leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]  # the same (rounded) inputs
     kl = torch.tensor(lengths, device="cuda")
     if dense:
         ref = reference_sparse(*leaves64, pattern, key_lengths=kl, **params)
     else:
         ref = blocked_reference(*leaves64, pattern, kl, params)
     dout = torch.randn(ref.shape, generator=g, device="cuda", dtype=torch.float64)
-    ref_grads = torch.autograd.grad(ref, leaves64, dout)
+    wanted = leaves[:3] if frozen_table else leaves
+    ref_grads = torch.autograd.grad(ref, leaves64[:len(wanted)], dout)
     out = sparse_attention(*leaves[:4], pattern=pattern, key_lengths=kl, **params)
-    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    grads = torch.autograd.grad(out, wanted, dout.to(dtype))
     errs = {"out": rel_err(out, ref)}
     errs.update({n: rel_err(gr, rg) for n, gr, rg in zip(["dq", "dk", "dv", "dtable"], grads, ref_grads)})
     assert all(torch.isfinite(t).all() for t in (out, *grads))
@@ -71,6 +74,11 @@ def test_against_dense_masked_reference(pattern, dtype):
 @pytest.mark.parametrize("pattern", ["local", "block"])
 def test_against_blocked_torch_at_4k_with_padding(pattern, dtype):
     compare(pattern, 2, 4, 4096, 64, dtype, [4096, 2777])
+
+
+@pytest.mark.parametrize("pattern", ["local", "block"])
+def test_frozen_table_at_4k(pattern):
+    compare(pattern, 2, 4, 4096, 64, torch.bfloat16, [4096, 3001], frozen_table=True)
 
 
 @pytest.mark.parametrize("pattern", ["local", "block"])

@@ -123,6 +123,33 @@ def test_local_without_a_bias_table_equals_a_zero_table():
         assert rel_err(grad, ref_grad) < FP32_TOL
 
 
+@pytest.mark.parametrize("pattern,params", [("local", dict(local_radius=40)),
+                                            ("block", dict(block_size=40, num_global=5))])
+def test_frozen_table_skips_the_bucket_sums_and_keeps_the_other_gradients(monkeypatch, pattern, params):
+    # No table gradient wanted: the dq kernels (and block's global-row kernel) skip the per-bucket
+    # dS sums; dq, dk, dv are unchanged.
+    g = torch.Generator().manual_seed(23)
+    q64, k64, v64 = (torch.randn(2, 2, 130, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    table64 = torch.randn(32, 2, generator=g, dtype=torch.float64) * 3
+    kl = torch.tensor([130, 71])
+    leaves = [t.float().requires_grad_() for t in (q64, k64, v64)]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference_sparse(*leaves64, table64, pattern, key_lengths=kl, **params)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    flags, launch = [], flash_mod._launch
+
+    def spy(kind, *args, **kwargs):
+        flags.append(kwargs.get("DTABLE")) if kind == "dq" else None
+        return launch(kind, *args, **kwargs)
+    monkeypatch.setattr(flash_mod, "_launch", spy)
+    table = table64.float()
+    out = sparse_attention(*leaves, table, pattern=pattern, key_lengths=kl, **params)
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    assert flags == [False] and table.grad is None
+    for name, grad, ref_grad in zip(["dq", "dk", "dv"], grads, torch.autograd.grad(ref, leaves64, dout)):
+        assert rel_err(grad, ref_grad) < FP32_TOL, f"{name}: {rel_err(grad, ref_grad):.2e}"
+
+
 def test_local_fp16():
     run_and_compare("local", 2, 2, 130, 32, [130, 61], dtype=torch.float16, tol=FP16_TOL, local_radius=20)
 
