@@ -20,6 +20,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 T5CORE_AUTOTUNE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
+# The host's speed: small-input model figures (1k tokens x 16) are bound by launches, which vary
+# between device hosts; this line tells a slower host from a slower t5core.
+python3 -c "
+import time, torch
+x = torch.zeros(1, device='cuda'); torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(5000): x.add_(1)
+torch.cuda.synchronize(); print(f'host: {(time.perf_counter() - t) / 5000 * 1e6:.1f} us per torch launch')" | tee -a "$OUT/env.txt"
 # Parallel pytest workers where pytest-xdist is installed; one process otherwise.
 if python3 -c "import xdist" 2>/dev/null; then PAR="-n ${XDIST:-8}"; else PAR=""; echo "no pytest-xdist: tests run in one process"; fi
 variant_tree() {  # /tmp/ab_$1: a copy of this tree with $2 as kernels/flash.py (for A/B steps)
