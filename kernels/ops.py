@@ -139,7 +139,8 @@ def flash_attention(
     keys after that position are masked. key_lengths: [B] ints on the device; keys at index
     >= key_lengths[b] are masked. Rows that see no key output 0. Returns [B, H, Lq, D].
     The backward is always deterministic (no atomics); `deterministic` is accepted for API
-    stability.
+    stability. A table that does not require grad (frozen) gets none, and the backward skips
+    its per-bucket sums.
     """
     del deterministic
     out, _ = _fwd(q, k, v, table, key_lengths, bidirectional, num_buckets, max_distance, causal, q_offset)
