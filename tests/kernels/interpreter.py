@@ -1,4 +1,5 @@
-"""What the interpreter test files share: the guard that they really interpret, and the error measure.
+"""What the interpreter test files share: the guard that they really interpret, the error measure,
+and a spy on the dq kernel launches.
 
 tests/conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA before triton is first
 imported (the interpreter is chosen when a kernel is decorated). On a CUDA machine the
@@ -27,3 +28,15 @@ def require_interpreter(kernel, gpu_file: str) -> None:
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Norm-wise relative error ||x - ref|| / ||ref||, in float64."""
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def spy_dtable_flags(monkeypatch, flash_module) -> list:
+    """The DTABLE flag (the table gradient's per-bucket dS sums on or off) of every dq launch."""
+    flags, launch = [], flash_module._launch
+
+    def spy(kind, *args, **kwargs):
+        if kind == "dq":
+            flags.append(kwargs["DTABLE"])
+        return launch(kind, *args, **kwargs)
+    monkeypatch.setattr(flash_module, "_launch", spy)
+    return flags

@@ -16,7 +16,7 @@ from t5core.kernels import flash_attention, flash_attention_varlen, relative_pos
 from t5core.kernels import bucket as bucket_mod  # noqa: E402
 from t5core.kernels import flash as flash_mod  # noqa: E402
 
-from .interpreter import rel_err, require_interpreter  # noqa: E402
+from .interpreter import rel_err, require_interpreter, spy_dtable_flags  # noqa: E402
 from .reference import reference_attention, reference_varlen  # noqa: E402
 
 require_interpreter(flash_mod._fwd_kernel, "test_flash_gpu.py")
@@ -193,18 +193,6 @@ def test_table_grad_keeps_table_dtype():
     assert table.grad.dtype == torch.bfloat16 and torch.isfinite(table.grad).all()
 
 
-def spy_dtable_flags(monkeypatch) -> list:
-    """The DTABLE flag of every dq launch (the per-bucket dS sums on or off)."""
-    flags, launch = [], flash_mod._launch
-
-    def spy(kind, *args, **kwargs):
-        if kind == "dq":
-            flags.append(kwargs["DTABLE"])
-        return launch(kind, *args, **kwargs)
-    monkeypatch.setattr(flash_mod, "_launch", spy)
-    return flags
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_frozen_table_skips_the_bucket_sums_and_keeps_the_other_gradients(monkeypatch, causal):
     # A frozen bias table (LoRA-style fine-tuning): no table gradient, so the dq kernel runs
@@ -219,7 +207,7 @@ def test_frozen_table_skips_the_bucket_sums_and_keeps_the_other_gradients(monkey
     ref = reference_attention(q64, k64, v64, table64, **kw)
     dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, [q64, k64, v64], dout)
-    flags = spy_dtable_flags(monkeypatch)
+    flags = spy_dtable_flags(monkeypatch, flash_mod)
     leaves = [t.detach().float().requires_grad_() for t in (q64, k64, v64)]
     table = table64.float()
     out = flash_attention(*leaves, table, **kw)

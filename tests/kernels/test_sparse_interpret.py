@@ -25,7 +25,7 @@ from t5core.layers import RelativeBias  # noqa: E402
 from t5core.sparse import attend_sparse, block_attention, local_attention, make_layout  # noqa: E402
 from t5core.sparse import sparse_kernel_attention  # noqa: E402
 
-from .interpreter import rel_err, require_interpreter  # noqa: E402
+from .interpreter import rel_err, require_interpreter, spy_dtable_flags  # noqa: E402
 from .reference import reference_sparse, sparse_visible  # noqa: E402
 
 require_interpreter(flash_mod._fwd_kernel, "test_sparse_gpu.py")
@@ -136,12 +136,7 @@ def test_frozen_table_skips_the_bucket_sums_and_keeps_the_other_gradients(monkey
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     ref = reference_sparse(*leaves64, table64, pattern, key_lengths=kl, **params)
     dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    flags, launch = [], flash_mod._launch
-
-    def spy(kind, *args, **kwargs):
-        flags.append(kwargs.get("DTABLE")) if kind == "dq" else None
-        return launch(kind, *args, **kwargs)
-    monkeypatch.setattr(flash_mod, "_launch", spy)
+    flags = spy_dtable_flags(monkeypatch, flash_mod)
     table = table64.float()
     out = sparse_attention(*leaves, table, pattern=pattern, key_lengths=kl, **params)
     grads = torch.autograd.grad(out, leaves, dout.float())
