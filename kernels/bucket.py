@@ -59,13 +59,6 @@ def bucket_reach(bidirectional: bool, num_buckets: int, max_distance: int) -> in
     return reach
 
 
-def far_buckets(bidirectional: bool, num_buckets: int, max_distance: int) -> tuple[int, int]:
-    """(bucket for rel <= -max_distance, bucket for rel >= max_distance): constant far from the diagonal."""
-    rel = torch.tensor([-max_distance, max_distance])
-    left, right = relative_position_bucket(rel, bidirectional, num_buckets, max_distance).tolist()
-    return left, right
-
-
 if triton is not None:
 
     @triton.jit

@@ -20,10 +20,11 @@ no mask and no bias.
 Backward (deterministic, no atomics):
   * `_bwd_dkdv_kernel`: one program per key block walks the query blocks (dk, dv).
   * `_bwd_dq_kernel`: one program per query block walks the key blocks (dq) and reduces dS
-    into the table gradient: far tiles add their tile sum to one bucket; near tiles use the
-    fact that a bucket is a run of consecutive rel values: with F(t) = sum of dS over
-    rel < t, a run [t0, t1) gets F(t1) - F(t0), and only the run boundaries inside the tile
-    are visited. Each program writes fp32 partials [NUM_BUCKETS]; torch sums them.
+    for the table gradient. A bucket is a run of consecutive rel values, so with
+    E_k = sum of dS over rel < (end of run k), run k gets E_k - E_(k-1). Near tiles add every
+    row's E_k (one row cumsum and one gather) to a per-row accumulator, far tiles their row
+    sums; each program reduces its rows once, differences E into run sums and writes them
+    [runs] (fp32); torch sums the programs in a fixed order and maps runs to buckets.
 Masked entries (causal, padding, rows and columns past a sequence end) have p = 0, hence
 dS = 0, so they contribute nothing to any gradient.
 """
@@ -37,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bucket import bucket_lut, bucket_reach, far_buckets, lut_gather, lut_lookup
+from .bucket import bucket_lut, bucket_reach, lut_gather, lut_lookup
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -465,13 +466,15 @@ def _bwd_delta_kernel(Out, DO, Delta, CuQ,
 
 
 @triton.jit
-def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, q_pos,
-              bias_row, SegLUT, SegStart, SegBucket, far_bias, kv_len, start, end, m0,
+def _dq_inner(dq, acc_rows, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, q_pos,
+              bias_row, RunEnd, far_bias, kv_len, start, end, m0,
               q_offset, offs_n, offs_d, nb_idx,
               MODE: tl.constexpr, MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr,
               CAUSAL: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
               NUM_GLOBAL: tl.constexpr):
+    if DTABLE and MODE != FAR:
+        run_end = tl.load(RunEnd + nb_idx)  # [NB_POW2]: the first rel after each run (padding: 2^20)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         if MASK_K:
@@ -501,37 +504,31 @@ def _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn
         dp = _dot(do, tl.trans(v), FP32_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, FP32_DOT)
-        if DTABLE:  # the table's gradient: per-bucket sums of dS
+        if DTABLE:  # the table's gradient: sums of dS per run of equal buckets (see _bwd_dq_kernel)
             if MODE == FAR:
                 acc_rows += tl.sum(ds, 1)
             else:
-                # Per-bucket sums of dS without a bucket per score. A bucket is a run of rel
-                # values (a "segment"); this tile's rel range holds segments seg_lo..seg_hi, and
-                # the boundary t_(j+1) of segment seg_lo + j falls in row m at column
-                # t_(j+1) + q_pos[m] - start_n (rel < t <=> key < t + query position). One row
-                # cumsum and one gather give F[m, j] = sum of row m's dS before boundary j, for
-                # every boundary at once; with S[j] = sum over rows of F[:, j] (S = the tile total
-                # past the last boundary), segment j gets S[j] - S[j-1], i.e. bucket b gets
-                # sum_j S[j] * ([bucket(j) = b] - [bucket(j + 1) = b]).
-                # A tile inside one segment (the side kernel's tiles away from their block, the
-                # sparse boundary tiles beyond the reach) adds its total to that bucket.
-                c = start_n - m0 - q_offset
-                seg_lo = lut_lookup(c - (BLOCK_M - 1), SegLUT, REACH)
-                n_seg = lut_lookup(c + (BLOCK_N - 1), SegLUT, REACH) - seg_lo  # < NB_POW2
-                if n_seg == 0:
-                    acc_nb += tl.where(nb_idx == tl.load(SegBucket + seg_lo), tl.sum(tl.sum(ds, 1), 0), 0.0)
-                else:
-                    inner = nb_idx < n_seg
-                    t = tl.load(SegStart + seg_lo + nb_idx + 1, mask=inner, other=0)
-                    col = tl.where(inner[None, :], t[None, :] + q_pos[:, None] - start_n, BLOCK_N)  # [BM, NB_POW2]
-                    f = tl.gather(tl.cumsum(ds, 1), tl.minimum(tl.maximum(col - 1, 0), BLOCK_N - 1), 1)
-                    s_j = tl.sum(tl.where(col > 0, f, 0.0), 0)
-                    b_j = tl.load(SegBucket + seg_lo + nb_idx, mask=nb_idx <= n_seg, other=-1)
-                    b_next = tl.load(SegBucket + seg_lo + nb_idx + 1, mask=nb_idx < n_seg, other=-1)
-                    w = ((nb_idx[None, :] == b_j[:, None]).to(tl.float32)
-                         - (nb_idx[None, :] == b_next[:, None]).to(tl.float32))  # [segment j, bucket]
-                    acc_nb += tl.sum(s_j[:, None] * w, 0)
-    return dq, acc_rows, acc_nb
+                # E_k = the sum of dS at rel < run_end[k], for every run end at once: in row m,
+                # rel < t <=> key < t + q_pos[m], a prefix of the row, so one row cumsum and one
+                # gather at column t + q_pos[m] - start_n (clamped: nothing before the tile, the
+                # row's total after it). Accumulated per row; reduced over rows once per program.
+                col = run_end[None, :] + (q_pos - start_n)[:, None]  # [BM, NB_POW2]
+                f = tl.gather(tl.cumsum(ds, 1), tl.minimum(tl.maximum(col - 1, 0), BLOCK_N - 1), 1)
+                acc_runs += tl.where(col > 0, f, 0.0)
+    return dq, acc_rows, acc_runs
+
+
+@triton.jit
+def _run_sums(acc_runs, acc_left, acc_right, nb_idx, N_RUNS: tl.constexpr):
+    """A program's dS sum per run of equal buckets, k < N_RUNS. acc_runs [BM, NB_POW2] holds each
+    row's E_k = sum of dS at rel < end of run k over the near tiles: summed over rows, run k gets
+    E_k - E_(k-1) (differenced here, per program, so the sums over programs add no cancellation);
+    the far tiles' row sums go to the first run (far-left) and the last (far-right). The host maps
+    runs to buckets (_run_sums_to_table)."""
+    e = tl.sum(acc_runs, 0)
+    before = tl.where(nb_idx == 0, 0.0, tl.gather(e, tl.maximum(nb_idx - 1, 0), 0))
+    runs = e - before + tl.where(nb_idx == 0, tl.sum(acc_left, 0), 0.0)
+    return runs + tl.where(nb_idx == N_RUNS - 1, tl.sum(acc_right, 0), 0.0)
 
 
 @triton.jit
@@ -549,7 +546,7 @@ def _load_query_rows(Q, DO, LSE, Delta, b64, h64, rows, rmask, stride_qb, stride
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, Delta, BiasLUT, SegLUT, SegStart, SegBucket, DTablePart, KeyLens, CuQ, CuK,
+    Q, K, V, DO, DQ, LSE, Delta, BiasLUT, RunEnd, DTablePart, KeyLens, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -558,8 +555,7 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_pb, stride_ph, stride_pm,
     num_heads, seqlen_q, seqlen_k, q_offset, lut_w, tune_len,
-    HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr,
-    FAR_LEFT_BUCKET: tl.constexpr, FAR_RIGHT_BUCKET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr, N_RUNS: tl.constexpr, NB_POW2: tl.constexpr,
     REACH: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -603,61 +599,59 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
+    acc_runs = tl.zeros([BLOCK_M, NB_POW2], dtype=tl.float32)
     if PATTERN == LOCAL:  # every tile reads the window's bias row (see the forward)
         split = tl.minimum(tl.maximum(n_full, a0), e1)
-        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, a0, split, m0,
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                         q_pos, bias_row, RunEnd, 0.0, kv_len, a0, split, m0,
                                          q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
                                          FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, split, e1, m0,
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                         q_pos, bias_row, RunEnd, 0.0, kv_len, split, e1, m0,
                                          q_offset, offs_n, offs_d, nb_idx, NEAR, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
                                          FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:
-            dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, 0,
+            dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                             stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, 0,
                                              lead_end, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS,
                                              DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
                                              NUM_GLOBAL)
-            dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, a0,
+            dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                             stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, a0,
                                              i0, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE,
                                              CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
                                              NUM_GLOBAL)
-        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, SegLUT, SegStart, SegBucket, c_left, kv_len, i0, f0, m0,
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                         q_pos, bias_row, RunEnd, c_left, kv_len, i0, f0, m0,
                                          q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
                                          FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, f0, f1, m0,
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                         q_pos, bias_row, RunEnd, 0.0, kv_len, f0, f1, m0,
                                          q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
                                          FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                          stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, c_right, kv_len, f1,
+        dq, acc_right, acc_runs = _dq_inner(dq, acc_right, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                          stride_vn, q_pos, bias_row, RunEnd, c_right, kv_len, f1,
                                           i1, m0, q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE,
                                           CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         if PATTERN == DENSE:
             if n_full < hi:
-                dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                                 stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len,
+                dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                                 stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len,
                                                  n_full, n_full + BLOCK_N, m0, q_offset, offs_n, offs_d, nb_idx, ANY,
                                                  True, HAS_BIAS, DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
                                                  DENSE, 0, 1, 0)
         else:
-            dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, i1,
+            dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                             stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, i1,
                                              e1, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE,
                                              CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
                                              NUM_GLOBAL)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
     if DTABLE:
-        acc_nb += tl.where(nb_idx == FAR_LEFT_BUCKET, tl.sum(acc_left, 0), 0.0)
-        acc_nb += tl.where(nb_idx == FAR_RIGHT_BUCKET, tl.sum(acc_right, 0), 0.0)
-        tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, acc_nb,
-                 mask=nb_idx < NUM_BUCKETS)
+        e = _run_sums(acc_runs, acc_left, acc_right, nb_idx, N_RUNS)
+        tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, e, mask=nb_idx < N_RUNS)
 
 
 @triton.jit
@@ -877,15 +871,15 @@ def _global_rows_fwd_kernel(
 
 @triton.jit
 def _global_rows_dq_kernel(
-    Q, K, V, DO, LSE, Delta, PartDQ, PartTable, BiasLUT, SegLUT, SegStart, SegBucket, KeyLens,
+    Q, K, V, DO, LSE, Delta, PartDQ, PartTable, BiasLUT, RunEnd, KeyLens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
     num_heads, seqlen, chunk, rows_total, lut_w,
-    HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr, N_RUNS: tl.constexpr, NB_POW2: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
 ):
-    """Partial dq of query tile t over keys [c * chunk, (c + 1) * chunk), and its per-bucket dS sums."""
+    """Partial dq of query tile t over keys [c * chunk, (c + 1) * chunk), and its dS sums per run of equal buckets."""
     c, pid_bh, b64, h64, kv_len = _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS)
     t = tl.program_id(2)
     m0 = t * BLOCK_M
@@ -903,16 +897,17 @@ def _global_rows_dq_kernel(
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
-    dq, acc_rows, acc_nb = _dq_inner(dq, acc_rows, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     offs_m, bias_row, SegLUT, SegStart, SegBucket, 0.0, kv_len, start, end, m0, 0,
+    acc_runs = tl.zeros([BLOCK_M, NB_POW2], dtype=tl.float32)
+    dq, acc_rows, acc_runs = _dq_inner(dq, acc_rows, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     offs_m, bias_row, RunEnd, 0.0, kv_len, start, end, m0, 0,
                                      offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, False, REACH, FP32_DOT,
                                      BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartDQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq)
-    if DTABLE:  # [chunk, B*H, tile, bucket]
+    if DTABLE:  # [chunk, B*H, tile, run]
         slot = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * tl.num_programs(2) + t
-        tl.store(PartTable + slot * NUM_BUCKETS + nb_idx, acc_nb, mask=nb_idx < NUM_BUCKETS)
+        e = _run_sums(acc_runs, acc_rows * 0.0, acc_rows * 0.0, nb_idx, N_RUNS)
+        tl.store(PartTable + slot * N_RUNS + nb_idx, e, mask=nb_idx < N_RUNS)
 
 
 @triton.jit
@@ -1032,13 +1027,12 @@ def _side_fwd_kernel(
 
 @triton.jit
 def _side_dq_kernel(
-    Q, SK, SV, DO, LSE, Delta, DQ, DTablePart, BlockIds, SideLens, BiasLUT, SegLUT, SegStart, SegBucket,
+    Q, SK, SV, DO, LSE, Delta, DQ, DTablePart, BlockIds, SideLens, BiasLUT, RunEnd,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_ib,
     stride_pb, stride_ph, stride_pm,
     num_heads, seqlen,
-    NUM_BUCKETS: tl.constexpr, NB_POW2: tl.constexpr, FAR_LEFT_BUCKET: tl.constexpr, FAR_RIGHT_BUCKET: tl.constexpr,
-    REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    N_RUNS: tl.constexpr, NB_POW2: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dq [B, H, L, D] fp32 of the side keys and the global table's per-bucket dS sums per query tile.
@@ -1063,7 +1057,7 @@ def _side_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_nb = tl.zeros([NB_POW2], dtype=tl.float32)
+    acc_runs = tl.zeros([BLOCK_M, NB_POW2], dtype=tl.float32)
     bias_row = BiasLUT + h64 * (2 * REACH + 1) + REACH  # rel 0 of this head's row
     k_base = SK + b64 * stride_kb + h64 * stride_kh
     v_base = SV + b64 * stride_vb + h64 * stride_vh
@@ -1072,28 +1066,26 @@ def _side_dq_kernel(
     left_end, right_start = _far_bounds(tl.min(q_pos, 0), tl.max(q_pos, 0), n_full, REACH, BLOCK_N)
     c_left = tl.load(bias_row - REACH) * LOG2E
     c_right = tl.load(bias_row + REACH) * LOG2E
-    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, SegLUT, SegStart, SegBucket, c_left, n_side, 0, left_end, first,
+    dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, RunEnd, c_left, n_side, 0, left_end, first,
                                      0, offs_n, offs_d, nb_idx, FAR, False, True, True, False, REACH, FP32_DOT, BLOCK_M,
                                      BLOCK_N, DENSE, 0, 1, 0)
-    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, n_side, left_end, right_start,
+    dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, RunEnd, 0.0, n_side, left_end, right_start,
                                      first, 0, offs_n, offs_d, nb_idx, ANY, False, True, True, False, REACH, FP32_DOT,
                                      BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    dq, acc_right, acc_nb = _dq_inner(dq, acc_right, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                      q_pos, bias_row, SegLUT, SegStart, SegBucket, c_right, n_side, right_start,
+    dq, acc_right, acc_runs = _dq_inner(dq, acc_right, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                      q_pos, bias_row, RunEnd, c_right, n_side, right_start,
                                       n_full, first, 0, offs_n, offs_d, nb_idx, FAR, False, True, True, False, REACH,
                                       FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    dq, acc_left, acc_nb = _dq_inner(dq, acc_left, acc_nb, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, SegLUT, SegStart, SegBucket, 0.0, n_side, n_full,
+    dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                     q_pos, bias_row, RunEnd, 0.0, n_side, n_full,
                                      tl.cdiv(n_side, BLOCK_N) * BLOCK_N, first, 0, offs_n, offs_d, nb_idx, ANY, True,
                                      True, True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    acc_nb += tl.where(nb_idx == FAR_LEFT_BUCKET, tl.sum(acc_left, 0), 0.0)
-    acc_nb += tl.where(nb_idx == FAR_RIGHT_BUCKET, tl.sum(acc_right, 0), 0.0)
+    e = _run_sums(acc_runs, acc_left, acc_right, nb_idx, N_RUNS)
     tl.store(DQ + ((b64 * num_heads + h64) * seqlen + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq,
              mask=rmask[:, None])
-    tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, acc_nb,
-             mask=nb_idx < NUM_BUCKETS)
+    tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, e, mask=nb_idx < N_RUNS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1245,11 +1237,12 @@ def _tune_len(n: int) -> int:
 class _BucketTables(NamedTuple):
     reach: int  # bucket_reach: the buckets are constant beyond +-reach, and the tables below span it
     lut: torch.Tensor  # int32 [2 * reach + 1]: bucket of rel = i - reach
-    seg_lut: torch.Tensor  # int32 [2 * reach + 1]: index of the run of equal buckets holding rel
-    seg_start: torch.Tensor  # int32 [n_seg]: first rel of each run (run 0 starts at -infinity)
-    seg_bucket: torch.Tensor  # int32 [n_seg]: bucket of each run
-    far_left: int
-    far_right: int
+    n_runs: int  # runs of equal buckets along rel (the first from -infinity, the last to +infinity)
+    run_end: torch.Tensor  # int32 [next_power_of_2(num_buckets)]: first rel after each run (2^20: none)
+    run_bucket: torch.Tensor  # one-hot fp32 [n_runs, num_buckets]: the bucket of each run
+
+
+RUN_END_NONE = 1 << 20  # beyond every tile: the last run, and the padding up to a power of two
 
 
 @functools.lru_cache(maxsize=64)
@@ -1257,14 +1250,20 @@ def _bucket_tables(bidirectional: bool, num_buckets: int, max_distance: int, dev
     reach = bucket_reach(bidirectional, num_buckets, max_distance)
     lut = bucket_lut(bidirectional, num_buckets, max_distance)[max_distance - reach:max_distance + reach + 1]
     starts = [0] + [i for i in range(1, lut.numel()) if lut[i] != lut[i - 1]]  # indices where a run begins
-    seg_lut = torch.zeros_like(lut)
-    for seg, i in enumerate(starts):
-        seg_lut[i:] = seg
-    seg_start = torch.tensor([-(1 << 30)] + [i - reach for i in starts[1:]], dtype=torch.int32)
-    seg_bucket = lut[starts].to(torch.int32)
-    left, right = far_buckets(bidirectional, num_buckets, max_distance)
-    return _BucketTables(reach, lut.to(device), seg_lut.to(device), seg_start.to(device), seg_bucket.to(device),
-                         left, right)
+    n_runs = len(starts)
+    width = triton.next_power_of_2(num_buckets)
+    if n_runs > width:  # a bucket function whose buckets are not contiguous runs of rel
+        raise ValueError(f"{n_runs} runs of equal buckets for {num_buckets} buckets: not supported by the kernels")
+    run_end = torch.full((width,), RUN_END_NONE, dtype=torch.int32)
+    run_end[:n_runs - 1] = torch.tensor([i - reach for i in starts[1:]], dtype=torch.int32)
+    run_bucket = torch.nn.functional.one_hot(lut[starts].long(), num_buckets).to(torch.float32)
+    return _BucketTables(reach, lut.to(device), n_runs, run_end.to(device), run_bucket.to(device))
+
+
+def _run_sums_to_table(runs: torch.Tensor, tables: _BucketTables) -> torch.Tensor:
+    """[..., num_buckets] from the kernels' dS sums per run of equal buckets [..., n_runs] (each run
+    is one bucket). Fixed-order sums: deterministic."""
+    return (runs[..., :, None] * tables.run_bucket).sum(-2)
 
 
 def _bias_row(table: torch.Tensor, bucket_lut_: torch.Tensor, reach: int, lut_w: int, window: int = -1):
@@ -1470,14 +1469,10 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
     else:
         bias_lut, lut_w = _dummy(q.device, torch.float32), 0
-    if wants_dtable:
-        seg = (tables.seg_lut, tables.seg_start, tables.seg_bucket)
-        far_left, far_right = tables.far_left, tables.far_right
-        parts = torch.zeros((lay.batch, lay.heads, triton.cdiv(lay.seqlen_q, dq_m), num_buckets),
+    if wants_dtable:  # per query block: the dS sum per run of equal buckets (_run_sums)
+        parts = torch.zeros((lay.batch, lay.heads, triton.cdiv(lay.seqlen_q, dq_m), tables.n_runs),
                             dtype=torch.float32, device=q.device)
     else:
-        seg = (dummy, dummy, dummy)
-        far_left = far_right = 0
         parts = _dummy(q.device, torch.float32).view(1, 1, 1)
 
     dq = _new_like(q)
@@ -1485,12 +1480,12 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     dv = _new_like(v)
     _launch(
         "dq", (triton.cdiv(lay.seqlen_q, dq_m), bh), fp32,
-        q, k, v, do, dq, lse, delta, bias_lut, *seg, parts, keylens, cu_q, cu_k,
+        q, k, v, do, dq, lse, delta, bias_lut, tables.run_end, parts, keylens, cu_q, cu_k,
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dq),
         *lay.lse_strides(lse), parts.stride(0), parts.stride(1), parts.stride(2),
         lay.heads, lay.seqlen_q, lay.seqlen_k, q_offset, lut_w, tune_len,
-        HAS_BIAS=has_bias, DTABLE=wants_dtable, NUM_BUCKETS=num_buckets,
-        NB_POW2=triton.next_power_of_2(num_buckets), FAR_LEFT_BUCKET=far_left, FAR_RIGHT_BUCKET=far_right, REACH=reach, CAUSAL=causal,
+        HAS_BIAS=has_bias, DTABLE=wants_dtable, N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(),
+        REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=dq_m, BLOCK_N=dq_n, **pattern.constexprs(),
         pattern=pattern.kind,
@@ -1506,13 +1501,14 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         BLOCK_M=kv_m, BLOCK_N=kv_n, **pattern.constexprs(),
         pattern=pattern.kind,
     )
-    global_dtable = 0.0
+    global_runs = 0.0
     if pattern.kind == 2 and pattern.num_global > 0:
-        global_dtable = _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, key_lengths,
-                                         has_bias, wants_dtable, num_buckets, reach, pattern, fp32)
+        global_runs = _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, tables, key_lengths,
+                                         has_bias, wants_dtable, pattern, fp32)
     if wants_dtable:
         # Deterministic: fixed-order torch sums over (batch, query block) partials.
-        dtable = (parts.sum(dim=(0, 2)) + global_dtable).t().to(table.dtype).contiguous()
+        runs = parts.sum(dim=(0, 2)) + global_runs  # [H, runs]
+        dtable = _run_sums_to_table(runs, tables).t().to(table.dtype).contiguous()
     else:
         dtable = torch.empty(0, dtype=q.dtype, device=q.device)
     return dq, dk, dv, dtable
@@ -1607,10 +1603,11 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, fi
             part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :keys])
 
 
-def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, key_lengths, has_bias,
-                     wants_dtable, num_buckets, reach, pattern, fp32):
+def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, tables, key_lengths, has_bias,
+                     wants_dtable, pattern, fp32):
     """dq of the global rows' tiles and dk, dv of the global keys' tiles, split and summed; returns
-    their per-bucket dS sums [H, num_buckets] (zeros unless wants_dtable)."""
+    their dS sums per run of equal buckets [H, runs] (zeros unless wants_dtable)."""
+    reach = tables.reach
     batch, heads, length, dim = q.shape
     bh = batch * heads
     keylens = key_lengths if key_lengths is not None else _dummy(q.device)
@@ -1625,13 +1622,13 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, 
     rows, chunk = n_tiles * block_m, _global_chunk(length, block_n)
     n_chunks = triton.cdiv(length, chunk)
     part_dq = torch.empty((n_chunks, bh, rows, dim), dtype=torch.float32, device=q.device)
-    part_table = torch.zeros((n_chunks, bh, n_tiles, num_buckets), dtype=torch.float32, device=q.device)
+    part_table = torch.zeros((n_chunks, bh, n_tiles, tables.n_runs), dtype=torch.float32, device=q.device)
     _launch_plain(
         _global_rows_dq_kernel, (n_chunks, bh, n_tiles),
-        q, k, v, do, lse, delta, part_dq, part_table, bias_lut, *seg, keylens, *strides, heads, length, chunk, rows,
-        lut_w,
-        DTABLE=wants_dtable, NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets),
-        BLOCK_M=block_m, BLOCK_N=block_n, **common,
+        q, k, v, do, lse, delta, part_dq, part_table, bias_lut, tables.run_end, keylens, *strides, heads, length,
+        chunk, rows, lut_w,
+        DTABLE=wants_dtable, N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(), BLOCK_M=block_m,
+        BLOCK_N=block_n, **common,
     )
     real = min(rows, length)
     dq[:, :, :real] = part_dq.sum(0).view(batch, heads, rows, dim)[:, :, :real].to(dq.dtype)
@@ -1641,7 +1638,7 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, seg, 
     real = part_dk.shape[2]
     dk[:, :, :real] = part_dk.to(dk.dtype)
     dv[:, :, :real] = part_dv.to(dv.dtype)
-    return part_table.sum(dim=(0, 2)).view(batch, heads, num_buckets).sum(0)  # [H, num_buckets]
+    return part_table.sum(dim=(0, 2)).view(batch, heads, tables.n_runs).sum(0)  # [H, runs]
 
 
 # ---- `transient-global` (forward; inference) ----------------------------------------------------
@@ -1714,18 +1711,17 @@ def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_length
     block_m, block_n = tile("dq", fp32)
     n_tiles = triton.cdiv(length, block_m)
     dq = torch.empty((batch, heads, length, dim), dtype=torch.float32, device=q.device)
-    parts = torch.zeros((batch, heads, n_tiles, num_buckets), dtype=torch.float32, device=q.device)
+    parts = torch.zeros((batch, heads, n_tiles, tables.n_runs), dtype=torch.float32, device=q.device)
     _launch_plain(
         _side_dq_kernel, (n_tiles, batch * heads),
-        q, side_k, side_v, do, lse, delta, dq, parts, block_ids, side_lengths, lut, tables.seg_lut, tables.seg_start,
-        tables.seg_bucket, *strides, parts.stride(0), parts.stride(1), parts.stride(2), heads, length,
-        NUM_BUCKETS=num_buckets, NB_POW2=triton.next_power_of_2(num_buckets), FAR_LEFT_BUCKET=tables.far_left,
-        FAR_RIGHT_BUCKET=tables.far_right, REACH=tables.reach, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m,
+        q, side_k, side_v, do, lse, delta, dq, parts, block_ids, side_lengths, lut, tables.run_end, *strides,
+        parts.stride(0), parts.stride(1), parts.stride(2), heads, length,
+        N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(), REACH=tables.reach, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m,
         BLOCK_N=block_n,
     )
 
     d_side_k, d_side_v = _split_dkdv(q, side_k, side_v, do, lse, delta, lut, tables.reach, side_lengths, block_ids,
                                      side_k.shape[2], True, tables.reach, DENSE_PATTERN)
     d_side_k, d_side_v = d_side_k.to(side_k.dtype), d_side_v.to(side_v.dtype)
-    d_table = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
+    d_table = _run_sums_to_table(parts.sum(dim=(0, 2)), tables).t().to(table.dtype).contiguous()
     return dq, d_side_k, d_side_v, d_table

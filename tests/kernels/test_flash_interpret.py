@@ -90,7 +90,8 @@ def test_bucket_is_constant_beyond_max_distance(num_buckets, max_distance, bidir
     # The far-tile specialisation and the clamped lookup table rely on this.
     rel = torch.arange(-4 * max_distance, 4 * max_distance + 1)
     buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
-    left, right = bucket_mod.far_buckets(bidirectional, num_buckets, max_distance)
+    left, right = relative_position_bucket(torch.tensor([-max_distance, max_distance]), bidirectional, num_buckets,
+                                           max_distance).tolist()
     assert (buckets[rel <= -max_distance] == left).all() and (buckets[rel >= max_distance] == right).all()
     lut = bucket_mod.bucket_lut(bidirectional, num_buckets, max_distance)
     clamped = rel.clamp(-max_distance, max_distance) + max_distance
@@ -105,7 +106,8 @@ def test_bucket_reach_is_where_the_buckets_stop_changing(num_buckets, max_distan
     reach = bucket_mod.bucket_reach(bidirectional, num_buckets, max_distance)
     rel = torch.arange(-4 * max_distance, 4 * max_distance + 1)
     buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
-    left, right = bucket_mod.far_buckets(bidirectional, num_buckets, max_distance)
+    left, right = relative_position_bucket(torch.tensor([-max_distance, max_distance]), bidirectional, num_buckets,
+                                           max_distance).tolist()
     assert 1 <= reach <= max_distance
     assert (buckets[rel <= -reach] == left).all() and (buckets[rel >= reach] == right).all()
     if reach > 1:
