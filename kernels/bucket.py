@@ -76,6 +76,10 @@ if triton is not None:
         @triton.jit
         def _load_lut(ptrs):
             return tl.load(ptrs)  # the interpreter and ROCm run no PTX: same values, converted layout
+
+        @triton.jit
+        def _load_lut_pairs(ptrs):
+            return tl.load(ptrs), tl.load(ptrs + 1)
     else:
 
         @triton.jit
@@ -86,11 +90,25 @@ if triton is not None:
             return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs],
                                              dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
 
+        @triton.jit
+        def _load_lut_pairs(ptrs):
+            # Two consecutive 32-bit values from an 8-byte aligned address, as `_load_lut`.
+            return tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptrs],
+                                             dtype=(ptrs.dtype.element_ty, ptrs.dtype.element_ty), is_pure=True,
+                                             pack=1)
+
     @triton.jit
     def lut_gather(rel, center_ptr, CLAMP: tl.constexpr):
-        """A 32-bit per-rel table's value at every rel of a tile of scores, read in the scores' own
-        register layout (`_load_lut`). center_ptr points at rel 0. CLAMP > 0: rel clamped to
+        """A per-rel table's value at every rel of a tile of scores, read in the scores' own
+        register layout (`_load_lut`). The table holds pairs (value at rel, value at rel + 1);
+        center_ptr points at rel 0. CLAMP > 0: rel clamped to
         +-CLAMP (a tile anywhere); 0: read as is (a tile whose every rel the table covers)."""
         if CLAMP > 0:
             rel = tl.minimum(tl.maximum(rel, -CLAMP), CLAMP)
-        return _load_lut(center_ptr + rel)
+        return _load_lut(center_ptr + 2 * rel)
+
+    @triton.jit
+    def lut_gather_pairs(offsets, center_ptr):
+        """(value at rel, value at rel + 1) of a table of pairs (entry rel at 2 * rel, 8-byte
+        aligned) at offsets 2 * rel of a tile: one load per two scores, no clamp."""
+        return _load_lut_pairs(center_ptr + offsets)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bucket import bucket_lut, bucket_reach, lut_gather, lut_lookup
+from .bucket import bucket_lut, bucket_reach, lut_gather, lut_gather_pairs, lut_lookup
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -196,12 +196,15 @@ def _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN: tl.co
 # ----------------------------------------------------------------------------------------------
 # The per-call bias table
 # ----------------------------------------------------------------------------------------------
-# A near tile's bias is a gather from one small fp32 row per head, bias_lut[h, rel], read in
-# the scores' MMA register layout (bucket.lut_gather: an elementwise op, so Triton neither
-# converts a coalesced tile through shared memory nor spends a register tile on it). Inside a
-# tile the rels are c + j - i with c = n0 - m0 - q_offset: one scalar per tile plus a constant
-# tile, so each thread reads from one base address at immediate offsets (31 loads for its 32
-# scores of a 128x64 tile, sm90). The row spans every rel a near tile can hold, +-lut_w with
+# A near tile's bias is a gather from one small fp32 row per head, read in the scores' MMA
+# register layout (bucket.lut_gather_pairs: an elementwise op, so Triton neither converts a
+# coalesced tile through shared memory nor spends a register tile on it). Entry rel of the row,
+# bias_lut[h, rel + lut_w], is the pair (bias at rel, bias at rel + 1), so two neighbouring
+# scores of a row take one 8-byte load; tl.join + reshape put the pair's halves in the
+# neighbouring columns (exact whatever the layout; with the MMA layout's column pairs they cost
+# nothing). Inside a tile the rels are c + j - i with c = n0 - m0 - q_offset: one scalar per tile
+# plus a constant tile, so each thread reads from one base address at immediate offsets (16
+# loads for its 32 scores of a 64x64 tile, sm90). The row spans every rel a near tile can hold, +-lut_w with
 # lut_w = max(reach, window) + BLOCK_M + BLOCK_N, so near tiles read it without a clamp;
 # tiles that can lie anywhere (partial, sparse-boundary, side-key tiles) clamp rel to +-reach.
 
@@ -221,12 +224,19 @@ def _bias_lut_kernel(Table, stride_tb, stride_th, BucketLUT, BiasLUT, lut_w, REA
     width = 2 * lut_w + 1
     for start in range(0, width, CHUNK):
         i = start + tl.arange(0, CHUNK)
-        rel = i - lut_w
-        bucket = lut_lookup(rel, BucketLUT, REACH)
-        value = tl.load(Table + bucket * stride_tb + h * stride_th).to(tl.float32)
-        if WINDOW >= 0:
-            value = tl.where((rel <= WINDOW) & (rel >= -WINDOW), value, float("-inf"))
-        tl.store(BiasLUT + h * width + i, value, mask=i < width)
+        for second in tl.static_range(2):  # entry i holds (bias at rel, bias at rel + 1)
+            rel = i + second - lut_w
+            bucket = lut_lookup(rel, BucketLUT, REACH)
+            value = tl.load(Table + bucket * stride_tb + h * stride_th).to(tl.float32)
+            if WINDOW >= 0:
+                value = tl.where((rel <= WINDOW) & (rel >= -WINDOW), value, float("-inf"))
+            tl.store(BiasLUT + h * 2 * width + 2 * i + second, value, mask=i < width)
+
+
+@triton.jit
+def _bias_center(BiasLUT, h, lut_w):
+    """Rel 0 of head h's bias row: entry rel (at 2 * rel) is the pair (bias at rel, bias at rel + 1)."""
+    return BiasLUT + h * (4 * lut_w + 2) + 2 * lut_w
 
 
 @triton.jit
@@ -236,11 +246,16 @@ def _tile_bias(c, q_pos, cols, bias_row, MODE: tl.constexpr, REACH: tl.constexpr
     TRANSPOSED). NEAR: at c + (j - i), c = the tile's first key minus its first query position
     (the rels are within the bias row). ANY: at key - query position, clamped to +-REACH."""
     if MODE == NEAR:
-        if TRANSPOSED:
-            tile_rel = tl.arange(0, BLOCK_K)[:, None] - tl.arange(0, BLOCK_Q)[None, :]
-        else:
-            tile_rel = tl.arange(0, BLOCK_K)[None, :] - tl.arange(0, BLOCK_Q)[:, None]
-        return lut_gather(tile_rel, bias_row + c, 0)
+        # Two neighbouring scores at once: one 8-byte load of a row entry (bias at x, at x + 1).
+        # The pair of rel x is at 2 * x floats from rel 0: the offsets below are 2 * x.
+        if TRANSPOSED:  # [keys, queries]: queries 2p and 2p + 1 are rels x and x - 1
+            pair_off = 2 * tl.arange(0, BLOCK_K)[:, None] - 4 * tl.arange(0, BLOCK_Q // 2)[None, :] - 2
+            before, at = lut_gather_pairs(pair_off, bias_row + 2 * c)
+            return tl.join(at, before).reshape(BLOCK_K, BLOCK_Q)
+        else:  # [queries, keys]: keys 2p and 2p + 1 are rels x and x + 1
+            pair_off = 4 * tl.arange(0, BLOCK_K // 2)[None, :] - 2 * tl.arange(0, BLOCK_Q)[:, None]
+            at, after = lut_gather_pairs(pair_off, bias_row + 2 * c)
+            return tl.join(at, after).reshape(BLOCK_Q, BLOCK_K)
     elif TRANSPOSED:
         return lut_gather(cols[:, None] - q_pos[None, :], bias_row, REACH)
     else:
@@ -251,10 +266,10 @@ def _tile_bias(c, q_pos, cols, bias_row, MODE: tl.constexpr, REACH: tl.constexpr
 def _head_bias(BiasLUT, h, lut_w, HAS_BIAS: tl.constexpr, REACH: tl.constexpr, PATTERN: tl.constexpr):
     """(rel 0 of head h's bias row, far-left bias, far-right bias), the far ones in the exp2
     domain; 0 without a bias or for `local` (no far tiles: its row is -inf beyond the window)."""
-    bias_row = BiasLUT + h * (2 * lut_w + 1) + lut_w
+    bias_row = _bias_center(BiasLUT, h, lut_w)
     if HAS_BIAS and PATTERN != LOCAL:
-        c_left = tl.load(bias_row - REACH) * LOG2E
-        c_right = tl.load(bias_row + REACH) * LOG2E
+        c_left = tl.load(bias_row - 2 * REACH) * LOG2E
+        c_right = tl.load(bias_row + 2 * REACH) * LOG2E
     else:
         c_left = 0.0
         c_right = 0.0
@@ -854,7 +869,7 @@ def _global_rows_fwd_kernel(
                 mask=(offs_m < seqlen)[:, None], other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = BiasLUT + h64 * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
+    bias_row = _bias_center(BiasLUT, h64, lut_w)  # rel 0 of this head's bias row
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -892,7 +907,7 @@ def _global_rows_dq_kernel(
                                          stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, offs_d)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = BiasLUT + h64 * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
+    bias_row = _bias_center(BiasLUT, h64, lut_w)  # rel 0 of this head's bias row
     start = c * chunk
     end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -943,7 +958,7 @@ def _split_dkdv_kernel(
     else:
         q_end = tl.cdiv(kv_len, BLOCK_M) * BLOCK_M  # queries are the keys' sequence: padded rows see nothing
     end = tl.minimum(start + chunk, q_end)
-    bias_row = BiasLUT + h64 * (2 * lut_w + 1) + lut_w  # rel 0 of this head's bias row
+    bias_row = _bias_center(BiasLUT, h64, lut_w)  # rel 0 of this head's bias row
     dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
                          LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
                          stride_qm, stride_dom, cols, n0, 0.0, seqlen, 0, start, end, offs_m, offs_d, bias_row,
@@ -991,7 +1006,7 @@ def _side_fwd_kernel(
     block_id = tl.load(BlockIds + b64 * stride_ib + offs_m, mask=rmask, other=-1).to(tl.int32)
     q_pos = tl.maximum(block_id, 0)
     n_side = tl.load(SideLens + b64).to(tl.int32)
-    bias_row = BiasLUT + h64 * (2 * REACH + 1) + REACH  # rel 0 of this head's row
+    bias_row = _bias_center(BiasLUT, h64, REACH)  # rel 0 of this head's row
     k_base = SK + b64 * stride_kb + h64 * stride_kh
     v_base = SV + b64 * stride_vb + h64 * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -1002,8 +1017,8 @@ def _side_fwd_kernel(
     # gather theirs per score.
     n_full = (n_side // BLOCK_N) * BLOCK_N
     left_end, right_start = _far_bounds(tl.min(q_pos, 0), tl.max(q_pos, 0), n_full, REACH, BLOCK_N)
-    c_left = tl.load(bias_row - REACH) * LOG2E
-    c_right = tl.load(bias_row + REACH) * LOG2E
+    c_left = tl.load(bias_row - 2 * REACH) * LOG2E
+    c_right = tl.load(bias_row + 2 * REACH) * LOG2E
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, c_left,
                                n_side, 0, left_end, m0, 0, offs_n, offs_d, FAR, False, HAS_BIAS, False, REACH,
                                FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
@@ -1058,14 +1073,14 @@ def _side_dq_kernel(
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_runs = tl.zeros([BLOCK_M, NB_POW2], dtype=tl.float32)
-    bias_row = BiasLUT + h64 * (2 * REACH + 1) + REACH  # rel 0 of this head's row
+    bias_row = _bias_center(BiasLUT, h64, REACH)  # rel 0 of this head's row
     k_base = SK + b64 * stride_kb + h64 * stride_kh
     v_base = SV + b64 * stride_vb + h64 * stride_vh
     # Far side keys as in the forward: one scalar bias, their dS row sums go to the far buckets.
     n_full = (n_side // BLOCK_N) * BLOCK_N
     left_end, right_start = _far_bounds(tl.min(q_pos, 0), tl.max(q_pos, 0), n_full, REACH, BLOCK_N)
-    c_left = tl.load(bias_row - REACH) * LOG2E
-    c_right = tl.load(bias_row + REACH) * LOG2E
+    c_left = tl.load(bias_row - 2 * REACH) * LOG2E
+    c_right = tl.load(bias_row + 2 * REACH) * LOG2E
     dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
                                      q_pos, bias_row, RunEnd, c_left, n_side, 0, left_end, first,
                                      0, offs_n, offs_d, nb_idx, FAR, False, True, True, False, REACH, FP32_DOT, BLOCK_M,
@@ -1270,7 +1285,7 @@ def _bias_row(table: torch.Tensor, bucket_lut_: torch.Tensor, reach: int, lut_w:
     """bias_lut [H, 2 * lut_w + 1] fp32: entry i is table[bucket(i - lut_w), h], -inf beyond a `local`
     window (window >= 0). One launch, straight from the [num_buckets, H] table."""
     heads = table.shape[1]
-    bias_lut = torch.empty((heads, 2 * lut_w + 1), dtype=torch.float32, device=table.device)
+    bias_lut = torch.empty((heads, 2 * lut_w + 1, 2), dtype=torch.float32, device=table.device)
     _bias_lut_kernel[(heads,)](table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, lut_w, REACH=reach,
                                WINDOW=window, CHUNK=256 if _interpreting() else 1024)
     return bias_lut
@@ -1662,10 +1677,10 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
 def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths):
     """Side attention of transient-global: (out [B, H, L, D], base-2 lse [B, H, L]).
 
-    side_k, side_v [B, H, G, D]; side_lut [H, 2 * reach + 1] fp32 (`side_lut`): the global table at
+    side_k, side_v [B, H, G, D]; side_lut [H, 2 * reach + 1, 2] fp32 (`side_lut`): the global table at
     bucket(rel) for rel in +-reach (constant beyond); block_ids [B, L] ints (-1: none);
     side_lengths [B] ints: side keys of each row."""
-    reach = (side_lut.shape[-1] - 1) // 2
+    reach = (side_lut.shape[1] - 1) // 2
     _check(q, side_k, side_v, None, 32, reach)
     q, side_k, side_v = (_last_dim_contiguous(x) for x in (q, side_k, side_v))
     batch, heads, length, dim = q.shape
@@ -1686,9 +1701,10 @@ def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths):
 
 
 def side_lut(table: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """[H, 2 * reach + 1] fp32: the (global) table at the bidirectional bucket of every rel in +-reach
+    """The (global) table's bias row (`_bias_row`) at the bidirectional bucket of every rel in +-reach
     (bucket_reach: constant beyond)."""
-    return table.float()[_bucket_tables(True, num_buckets, max_distance, table.device).lut.long()].t().contiguous()
+    tables = _bucket_tables(True, num_buckets, max_distance, table.device)
+    return _bias_row(table, tables.lut, tables.reach, tables.reach)
 
 
 def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_lengths, num_buckets, max_distance):

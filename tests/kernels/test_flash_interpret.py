@@ -287,9 +287,10 @@ def test_torch_compile_traces_without_graph_breaks(backend):
 
 @pytest.mark.parametrize("bidirectional,window", [(True, -1), (False, -1), (True, 40), (True, 300)])
 def test_bias_row_holds_the_bias_of_every_rel_a_tile_can_hold(bidirectional, window):
-    """_bias_row entry i is table[bucket(i - lut_w), h] (beyond the reach the bucket is constant, so
-    its clamp is exact), -inf beyond a `local` window; lut_width covers the extreme rels of a near
-    tile (first key reach - 1 + BLOCK_M - 1 after the last query, or before) and of a window tile."""
+    """_bias_row entry i is the pair (bias at rel, at rel + 1), rel = i - lut_w, the bias being
+    table[bucket(rel), h] (beyond the reach the bucket is constant, so its clamp is exact), -inf
+    beyond a `local` window; lut_width covers the extreme rels of a near tile (first key reach - 1
+    + BLOCK_M - 1 after the last query, or before) and of a window tile."""
     g = torch.Generator().manual_seed(12)
     table = torch.randn(32, 3, generator=g)
     tables = flash_mod._bucket_tables(bidirectional, 32, 128, torch.device("cpu"))
@@ -299,11 +300,12 @@ def test_bias_row_holds_the_bias_of_every_rel_a_tile_can_hold(bidirectional, win
         extreme = max(tables.reach, window) - 1 + rows - 1 + cols - 1
         assert extreme <= lut_w
     row = flash_mod._bias_row(table, tables.lut, tables.reach, lut_w, window)
-    rel = torch.arange(-lut_w, lut_w + 1)
-    want = table[relative_position_bucket(rel, bidirectional, 32, 128)].t()
-    if window >= 0:
-        want = torch.where(rel.abs() <= window, want, float("-inf"))
-    assert torch.equal(row, want)
+    for second in (0, 1):
+        rel = torch.arange(-lut_w, lut_w + 1) + second
+        want = table[relative_position_bucket(rel, bidirectional, 32, 128)].t()
+        if window >= 0:
+            want = torch.where(rel.abs() <= window, want, float("-inf"))
+        assert torch.equal(row[:, :, second], want)
 
 
 def test_bf16_table_matches_the_float64_reference_of_that_table():
