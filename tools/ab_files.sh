@@ -1,19 +1,24 @@
 #!/bin/bash
-# Candidate kernels for the A/B steps of tools/gpu_run.sh: writes each candidate's kernels/flash.py
-# to ab/<name>.py (ignored by git; pass "ab" in the device call's carry) and prints the AB_FILES
-# value that names them. A candidate is a branch or a patch of kernels/flash.py against this tree.
+# Candidate kernels for the A/B steps of tools/gpu_run.sh: writes each candidate's kernels/*.py to
+# ab/<name>/ (ignored by git; pass "ab" in the device call's carry) and prints the AB_FILES value
+# that names them. A candidate is a branch or a patch (its kernels/ part) against this tree.
 #   bash tools/ab_files.sh exp/some-branch some-change.patch
 set -eu
 mkdir -p ab
 spec=""
 for candidate in "$@"; do
-  case $candidate in *-tests.patch) continue ;; esac  # a candidate's test changes, not kernels
   name=$(basename "$candidate" .patch)
+  rm -rf "ab/$name" && mkdir -p "ab/$name"
   if [ -f "$candidate" ]; then
-    patch --quiet -o "ab/$name.py" kernels/flash.py "$candidate"
+    patch_file=$(realpath "$candidate")
+    scratch=$(mktemp -d) && mkdir "$scratch/kernels" && cp kernels/*.py "$scratch/kernels/"
+    (cd "$scratch" && git apply --include='kernels/*' "$patch_file")
+    cp "$scratch"/kernels/*.py "ab/$name/" && rm -rf "$scratch"
   else
-    git show "$candidate:kernels/flash.py" > "ab/$name.py"
+    for file in $(git ls-tree --name-only "$candidate" kernels/ | grep '\.py$'); do
+      git show "$candidate:$file" > "ab/$name/$(basename "$file")"
+    done
   fi
-  spec="$spec $name=ab/$name.py"
+  spec="$spec $name=ab/$name"
 done
 echo "AB_FILES=\"${spec# }\""

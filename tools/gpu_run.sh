@@ -9,6 +9,7 @@
 #     # tools/ab_files.sh CANDIDATE... writes them under ab/ (git-ignored: carry "ab" in the device call)
 #   STEPS="tune attention tests" bash tools/gpu_run.sh   # tile sweep; the later steps run with its best tiles
 #   AB_FILES=... STEPS="ab_sparse" bash tools/gpu_run.sh   # sparse modes (SPARSE_AB_ARGS) on this tree and each candidate
+#   STEPS="floor" bash tools/gpu_run.sh   # the `local` forward against the floors of its tile schedule
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
 # so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
 # compiling kernel variants on the host, so they run in XDIST parallel pytest workers
@@ -29,11 +30,11 @@ for _ in range(5000): x.add_(1)
 torch.cuda.synchronize(); print(f'host: {(time.perf_counter() - t) / 5000 * 1e6:.1f} us per torch launch')" | tee -a "$OUT/env.txt"
 # Parallel pytest workers where pytest-xdist is installed; one process otherwise.
 if python3 -c "import xdist" 2>/dev/null; then PAR="-n ${XDIST:-8}"; else PAR=""; echo "no pytest-xdist: tests run in one process"; fi
-variant_tree() {  # /tmp/ab_$1: a copy of this tree with $2 as kernels/flash.py (for A/B steps)
-  local dir=/tmp/ab_$1
+variant_tree() {  # /tmp/ab_$1: a copy of this tree with $2 as kernels/flash.py, or a folder's files
+  local dir=/tmp/ab_$1  # as kernels/ files (for A/B steps)
   rm -rf "$dir" && mkdir -p "$dir/t5core" && cp -r kernels weights tools tests pyproject.toml "$dir/"
   find t5core -maxdepth 1 -type f -exec cp {} "$dir/t5core/" \;
-  cp "$2" "$dir/kernels/flash.py"
+  if [ -d "$2" ]; then cp "$2"/*.py "$dir/kernels/"; else cp "$2" "$dir/kernels/flash.py"; fi
   ln -sfn "$dir/kernels" "$dir/t5core/kernels"; ln -sfn "$dir/weights" "$dir/t5core/weights"
 }
 in_candidates() {  # prefix, seconds, command...: a step in each AB_FILES candidate's tree (NAME -> its name)
@@ -97,6 +98,7 @@ for s in ${STEPS:-tests attention model generate}; do
         step sparse_this ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-this.json" $sparse_args
         in_candidates sparse ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-NAME.json" \
                  $sparse_args ;;
+    floor) step local_floor ${T_FLOOR:-120} python3 tools/local_floor.py --out "$OUT/floor.json" ;;
     ab_pytest) in_candidates pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR \
                  ${PYTEST_ARGS:-tests} ;;
     pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;
