@@ -9,7 +9,8 @@ forward+backward TFLOP/s (fwd 4BHL^2D, fwd+bwd 2.5x) for bf16, H=12, D=64, B*L=1
 A/B of versions of the kernels: run it once per tree).
 --pattern local|block sweeps the sparse patterns instead (radius 127; blocks of 512 with 16
 global tokens), batch 1, reporting TFLOP/s of the visible scores only (4·H·visible·D per
-forward), so the figures compare with dense ones as throughput per visible score.
+forward), so the figures compare with dense ones as throughput per visible score; with
+--only dq, forward+backward over the dq tiles alone (dk/dv at the sparse default).
 """
 import argparse
 import json
@@ -51,6 +52,11 @@ SPARSE_FWD_VARIANTS = FWD_VARIANTS + [  # a 64-row local tile computes 320 key c
     dict(T5CORE_TILE_FWD="32x64x2x3"),
     dict(T5CORE_TILE_FWD="64x32x4x3"),
     dict(T5CORE_TILE_FWD="64x32x4x3x128"),  # block's forward: 139 registers, 3 blocks per SM; capped 4
+]
+SPARSE_DQ_VARIANTS = [  # the dq tile alone, dk/dv at the sparse default (kernels/flash.py: _SPARSE_TILES)
+    dict(T5CORE_TILE_DQ=dq, T5CORE_TILE_DKDV="32x64x4x3x128")
+    for dq in ("64x32x4x3x128", "64x32x4x3", "64x32x4x2x128", "64x64x4x3x128", "64x64x4x3", "64x64x4x2",
+               "128x32x8x3x128", "128x64x8x3x128", "32x32x4x3")
 ]
 DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(buckets="none")]
 
@@ -119,16 +125,21 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--defaults", action="store_true", help="default tiles only, float32 and bfloat16 tables")
     p.add_argument("--pattern", default="dense", choices=["dense", "local", "block"])
-    p.add_argument("--only", default=None, choices=["fwd", "fwd_bwd"], help="sweep one of the two lists only")
+    p.add_argument("--only", default=None, choices=["fwd", "fwd_bwd", "dq"],
+                   help="sweep one of the two lists only; dq: forward+backward over dq tiles only (sparse patterns)")
     p.add_argument("--pick", default=None, help="write the best forward tile and the best dq and dk/dv tiles "
                    "(by the sum of TFLOP/s over the lengths) to this file as shell exports")
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
-    plan = ((("fwd", DEFAULT_VARIANTS), ("fwd_bwd", DEFAULT_VARIANTS)) if args.defaults
-            else (("fwd", FWD_VARIANTS if args.pattern == "dense" else SPARSE_FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS)))
+    if args.defaults:
+        plan = (("fwd", DEFAULT_VARIANTS), ("fwd_bwd", DEFAULT_VARIANTS))
+    elif args.only == "dq":
+        plan = (("fwd_bwd", SPARSE_DQ_VARIANTS),)
+    else:
+        plan = (("fwd", FWD_VARIANTS if args.pattern == "dense" else SPARSE_FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS))
     for mode, variants in plan:
-        if args.only and mode != args.only:
+        if args.only in ("fwd", "fwd_bwd") and mode != args.only:
             continue
         for variant in variants:
             cells = []
