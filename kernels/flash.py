@@ -1113,16 +1113,28 @@ def _side_dq_kernel(
 # head dim, dtype, mask flags and a power-of-two length bucket. The interpreter uses one small
 # tile (fast CPU tests that still have far, near and partial tiles).
 
-_INTERPRET = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32), "side": (32, 16)}  # unequal, like the GPU's
-# (BLOCK_M, BLOCK_N, warps, stages[, maxnreg]). "side": the transient-global side-key and global-row
-# forward kernels, which launch with 4 warps and 2 stages (_launch_plain); only their tile is here.
+_INTERPRET = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32),  # unequal, like the GPU's
+              "side_fwd": (32, 16), "global_fwd": (32, 16), "side_dq": (32, 16), "side_dkdv": (16, 32)}
+# (BLOCK_M, BLOCK_N, warps, stages[, maxnreg]). The kernels beside the three main ones: "side_fwd"
+# transient-global's side-key forward, "global_fwd" the block pattern's global-row forward,
+# "side_dq" the dq of both (side keys, global rows), "side_dkdv" dk/dv split over query chunks
+# (side keys, global keys). sm90 side_*: the H200 sweep of the eighth session at 128k
+# (bench/results/sweep-2026-11-29-s8-side.json; transient-global visible-score TFLOP/s, forward
+# 331.5 -> 352.1, forward+backward 150.7 -> 156.8 (dq) and 155.2 (dk/dv), each against 4 warps and
+# 2 stages, the configs until then); global_fwd keeps those (16 global rows: a 64-row tile).
 _TILES = {
     # The H200 sweep (bench/results/sweep-2026-11-29-s5-occupancy.txt): a 128x64 forward capped at
     # 128 registers holds 2 blocks per SM (1 uncapped) and beat 64x64 by 1-6%; dq capped at 128
     # holds 4 blocks instead of 3 (+2% forward+backward at 4k).
-    "sm90": {"fwd": (128, 64, 8, 3, 128), "dq": (64, 32, 4, 3, 128), "dkdv": (32, 128, 4, 3), "side": (64, 64)},
-    "sm80": {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 128, 4, 3), "side": (64, 64)},  # unmeasured
-    "fp32": {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "side": (64, 32)},  # exact fp32 dots
+    "sm90": {"fwd": (128, 64, 8, 3, 128), "dq": (64, 32, 4, 3, 128), "dkdv": (32, 128, 4, 3),
+             "side_fwd": (128, 64, 8, 3, 128), "global_fwd": (64, 64, 4, 2), "side_dq": (64, 32, 4, 3, 128),
+             "side_dkdv": (32, 128, 4, 3)},
+    "sm80": {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 128, 4, 3),  # unmeasured
+             "side_fwd": (64, 64, 4, 2), "global_fwd": (64, 64, 4, 2), "side_dq": (64, 32, 4, 2),
+             "side_dkdv": (32, 128, 4, 2)},
+    "fp32": {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2),  # exact fp32 dots
+             "side_fwd": (64, 32, 4, 2), "global_fwd": (64, 32, 4, 2), "side_dq": (64, 32, 4, 2),
+             "side_dkdv": (32, 64, 4, 2)},
 }
 # The sparse patterns (1 local, 2 block) visit the tiles along a window or a block's edges,
 # where tiles narrower across the window compute fewer hidden scores. H200 sweep at 128k, sixth
@@ -1153,7 +1165,7 @@ def _capability_major(device: int) -> int:
 
 def launch_config(kind: str, fp32: bool, pattern: int = 0) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, warps, stages[, maxnreg]) of a kernel for a Pattern kind (0 dense, 1 local,
-    2 block). Under the interpreter, or for "side", only the tile."""
+    2 block). Under the interpreter, only the tile."""
     if _interpreting():
         return _INTERPRET[kind]
     override = _tile_override(kind)
@@ -1541,11 +1553,12 @@ def _global_chunk(length: int, tile_len: int) -> int:
     return tile_len * triton.cdiv(max(triton.cdiv(length, 128), GLOBAL_MIN_CHUNK), tile_len)
 
 
-def _launch_plain(kernel, grid: tuple, *args, **kwargs):
+def _launch_side(kernel, kind: str, fp32: bool, grid: tuple, *args, **kwargs):
+    """Launch a side_* kernel (no autotune) with its launch_config's warps, stages and register cap."""
     if _interpreting():
         kernel[grid](*args, **kwargs)
     else:
-        kernel[grid](*args, num_warps=4, num_stages=2, **kwargs)
+        kernel[grid](*args, **_launch_options(launch_config(kind, fp32)[2:]), **kwargs)
 
 
 def _real_rows(key_lengths, batch: int, heads: int, rows: int, device) -> torch.Tensor:
@@ -1558,7 +1571,7 @@ def _real_rows(key_lengths, batch: int, heads: int, rows: int, device) -> torch.
 def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bias, reach, pattern, fp32):
     """Out and lse of the query tiles holding the global rows: split over keys, merged in torch."""
     batch, heads, length, dim = q.shape
-    block_m, block_n = tile("side", fp32)
+    block_m, block_n = tile("global_fwd", fp32)
     n_tiles = triton.cdiv(min(pattern.num_global, length), block_m)
     rows = n_tiles * block_m
     chunk = _global_chunk(length, block_n)
@@ -1566,8 +1579,8 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
     part_m = torch.empty((n_chunks, batch * heads, rows), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((n_chunks, batch * heads, rows, dim), dtype=torch.float32, device=q.device)
-    _launch_plain(
-        _global_rows_fwd_kernel, (n_chunks, batch * heads, n_tiles),
+    _launch_side(
+        _global_rows_fwd_kernel, "global_fwd", fp32, (n_chunks, batch * heads, n_tiles),
         q, k, v, part_m, part_l, part_acc, bias_lut, key_lengths if key_lengths is not None else _dummy(q.device),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), heads, length, chunk, rows, lut_w,
@@ -1595,15 +1608,15 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, fi
     q_pos [B, L] (transient-global's block ids) gives the query positions, else the row index."""
     batch, heads, length, dim = q.shape
     fp32 = q.dtype == torch.float32
-    block_m, block_n = tile("dkdv", fp32)
+    block_m, block_n = tile("side_dkdv", fp32)
     n_tiles = triton.cdiv(first_keys, block_n)
     cols, chunk = n_tiles * block_n, _global_chunk(length, block_m)
     n_chunks = triton.cdiv(length, chunk)
     part_dk = torch.empty((n_chunks, batch * heads, cols, dim), dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
     q_pos_arg = q_pos if q_pos is not None else _dummy(q.device)
-    _launch_plain(
-        _split_dkdv_kernel, (n_chunks, batch * heads, n_tiles),
+    _launch_side(
+        _split_dkdv_kernel, "side_dkdv", fp32, (n_chunks, batch * heads, n_tiles),
         q, k, v, do, lse, delta, part_dk, part_dv, bias_lut,
         key_lengths if key_lengths is not None else _dummy(q.device), q_pos_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
@@ -1632,14 +1645,14 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, table
                   HEAD_DIM=dim, SBLOCK=pattern.block_size, NUM_GLOBAL=pattern.num_global)
     n_global = min(pattern.num_global, length)
 
-    block_m, block_n = tile("dq", fp32)
+    block_m, block_n = tile("side_dq", fp32)
     n_tiles = triton.cdiv(n_global, block_m)
     rows, chunk = n_tiles * block_m, _global_chunk(length, block_n)
     n_chunks = triton.cdiv(length, chunk)
     part_dq = torch.empty((n_chunks, bh, rows, dim), dtype=torch.float32, device=q.device)
     part_table = torch.zeros((n_chunks, bh, n_tiles, tables.n_runs), dtype=torch.float32, device=q.device)
-    _launch_plain(
-        _global_rows_dq_kernel, (n_chunks, bh, n_tiles),
+    _launch_side(
+        _global_rows_dq_kernel, "side_dq", fp32, (n_chunks, bh, n_tiles),
         q, k, v, do, lse, delta, part_dq, part_table, bias_lut, tables.run_end, keylens, *strides, heads, length,
         chunk, rows, lut_w,
         DTABLE=wants_dtable, N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(), BLOCK_M=block_m,
@@ -1687,10 +1700,10 @@ def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths):
     out = _new(q.shape, q.dtype, q.device)
     lse = _new((batch, heads, length), torch.float32, q.device)
     fp32 = q.dtype == torch.float32
-    block_m, block_n = tile("side", fp32)
+    block_m, block_n = tile("side_fwd", fp32)
     block_ids = block_ids.contiguous()
-    _launch_plain(
-        _side_fwd_kernel, (triton.cdiv(length, block_m), batch * heads),
+    _launch_side(
+        _side_fwd_kernel, "side_fwd", fp32, (triton.cdiv(length, block_m), batch * heads),
         q, side_k, side_v, out, lse, block_ids, side_lengths.contiguous(), side_lut.float().contiguous(),
         q.stride(0), q.stride(1), q.stride(2), side_k.stride(0), side_k.stride(1), side_k.stride(2),
         side_v.stride(0), side_v.stride(1), side_v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -1724,12 +1737,12 @@ def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_length
                side_v.stride(0), side_v.stride(1), side_v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                lse.stride(0), lse.stride(1), block_ids.stride(0))
 
-    block_m, block_n = tile("dq", fp32)
+    block_m, block_n = tile("side_dq", fp32)
     n_tiles = triton.cdiv(length, block_m)
     dq = torch.empty((batch, heads, length, dim), dtype=torch.float32, device=q.device)
     parts = torch.zeros((batch, heads, n_tiles, tables.n_runs), dtype=torch.float32, device=q.device)
-    _launch_plain(
-        _side_dq_kernel, (n_tiles, batch * heads),
+    _launch_side(
+        _side_dq_kernel, "side_dq", fp32, (n_tiles, batch * heads),
         q, side_k, side_v, do, lse, delta, dq, parts, block_ids, side_lengths, lut, tables.run_end, *strides,
         parts.stride(0), parts.stride(1), parts.stride(2), heads, length,
         N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(), REACH=tables.reach, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m,

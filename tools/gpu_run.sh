@@ -89,6 +89,8 @@ for s in ${STEPS:-tests attention model generate}; do
           if [ -s "$OUT/tiles.env" ]; then source "$OUT/tiles.env"; cat "$OUT/tiles.env" | tee -a "$OUT/env.txt"; fi ;;
     tune_sparse) for pattern in local block; do step "sweep_$pattern" ${T_TUNE:-200} python3 tools/sweep_tiles.py \
                    --pattern $pattern --lengths 131072 ${SWEEP_ONLY:+--only $SWEEP_ONLY} --json "$OUT/sweep-$pattern.json"; done ;;
+    tune_side) step sweep_side ${T_TUNE:-200} python3 tools/sweep_tiles.py --pattern transient-global \
+                 --lengths ${SIDE_LENGTHS:-131072} --json "$OUT/sweep-side.json" ;;
     ab) step sweep_this ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-this.json"
         in_candidates sweep ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-NAME.json" ;;
     profile_attention) step profile_attention ${T_PROFILE:-120} python3 tools/profile_attention.py ${PROFILE_ARGS:-}

@@ -11,6 +11,8 @@ A/B of versions of the kernels: run it once per tree).
 global tokens), batch 1, reporting TFLOP/s of the visible scores only (4·H·visible·D per
 forward), so the figures compare with dense ones as throughput per visible score; with
 --only dq, forward+backward over the dq tiles alone (dk/dv at the sparse default).
+--pattern transient-global sweeps the side-key kernels' configs (T5CORE_TILE_SIDE_{FWD,DQ,DKDV}),
+one kernel at a time, on the local window plus L // 16 side keys.
 """
 import argparse
 import json
@@ -58,15 +60,21 @@ SPARSE_DQ_VARIANTS = [  # the dq tile alone, dk/dv at the sparse default (kernel
     for dq in ("64x32x4x3x128", "64x32x4x3", "64x32x4x2x128", "64x64x4x3x128", "64x64x4x3", "64x64x4x2",
                "128x32x8x3x128", "128x64x8x3x128", "32x32x4x3")
 ]
+SIDE_VARIANTS = [  # transient-global's side-key kernels, one at a time (kernels/flash.py: _TILES "side_*")
+    dict(),  # the defaults
+    *(dict(T5CORE_TILE_SIDE_FWD=t) for t in ("128x64x8x3x128", "128x64x8x2x128", "64x64x4x3", "64x64x4x2x128")),
+    *(dict(T5CORE_TILE_SIDE_DQ=t) for t in ("64x32x4x3x128", "64x64x4x3x128", "128x64x8x3x128")),
+    *(dict(T5CORE_TILE_SIDE_DKDV=t) for t in ("32x128x4x3", "64x64x4x3x128", "64x128x8x3x128", "128x64x8x3x128")),
+]
 DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(buckets="none")]
 
 
 def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
-    from t5core.kernels import flash_attention, sparse_attention
+    from t5core.kernels import flash_attention, sparse_attention, transient_global_attention
 
     knobs = {k: v for k, v in variant.items() if k.startswith("T5CORE")}
-    for k in ("T5CORE_TILE_FWD", "T5CORE_TILE_DQ", "T5CORE_TILE_DKDV"):
-        os.environ.pop(k, None)
+    for kind in ("FWD", "DQ", "DKDV", "SIDE_FWD", "GLOBAL_FWD", "SIDE_DQ", "SIDE_DKDV"):
+        os.environ.pop(f"T5CORE_TILE_{kind}", None)
     os.environ.update(knobs)
     B = max(1, tokens // L) if pattern == "dense" else 1
     nb, md = (32, 128)
@@ -77,8 +85,18 @@ def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
     q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
     table_dtype = getattr(torch, variant.get("table", "float32"))
     table = None if buckets == "none" else torch.randn(nb, H, device="cuda", dtype=table_dtype, requires_grad=grad)
+    side_leaves = []
     if pattern == "dense":
         fn = lambda: flash_attention(q, k, v, table, num_buckets=nb, max_distance=md)  # noqa: E731
+    elif pattern == "transient-global":  # the local window plus L // 16 side keys, as bench_attention.py
+        side_k, side_v = (torch.randn(B, H, L // 16, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+                          for _ in range(2))
+        global_table = torch.randn(nb, H, device="cuda", requires_grad=grad)
+        block_ids = (torch.arange(L, device="cuda") // 16)[None]
+        side_leaves = [side_k, side_v, global_table]
+        fn = lambda: transient_global_attention(  # noqa: E731
+            q, k, v, table, side_k, side_v, global_table, block_ids,
+            local_radius=SPARSE_PARAMS["local"]["local_radius"])
     else:
         fn = lambda: sparse_attention(q, k, v, table, pattern=pattern, num_buckets=nb,  # noqa: E731
                                       max_distance=md, **SPARSE_PARAMS[pattern])
@@ -89,11 +107,12 @@ def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
         step = fn
     step()
     ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median",  # .grad not accumulated
-                                 grad_to_none=[q, k, v] + ([table] if table is not None else []) if grad else None)
+                                 grad_to_none=[q, k, v, *side_leaves] + ([table] if table is not None else [])
+                                 if grad else None)
     scores = L * L
     if pattern != "dense":
         scores = visible_scores(pattern, L, SPARSE_PARAMS["local"]["local_radius"],
-                                SPARSE_PARAMS["block"]["block_size"], SPARSE_PARAMS["block"]["num_global"])
+                                SPARSE_PARAMS["block"]["block_size"], SPARSE_PARAMS["block"]["num_global"], 16)
     flops = 4 * B * H * scores * D * (2.5 if grad else 1.0)
     return flops / ms / 1e9
 
@@ -124,7 +143,7 @@ def main():
     p.add_argument("--lengths", default="4096,16384")
     p.add_argument("--json", default=None)
     p.add_argument("--defaults", action="store_true", help="default tiles only, float32 and bfloat16 tables")
-    p.add_argument("--pattern", default="dense", choices=["dense", "local", "block"])
+    p.add_argument("--pattern", default="dense", choices=["dense", "local", "block", "transient-global"])
     p.add_argument("--only", default=None, choices=["fwd", "fwd_bwd", "dq"],
                    help="sweep one of the two lists only; dq: forward+backward over dq tiles only (sparse patterns)")
     p.add_argument("--pick", default=None, help="write the best forward tile and the best dq and dk/dv tiles "
@@ -134,6 +153,8 @@ def main():
     rows = []
     if args.defaults:
         plan = (("fwd", DEFAULT_VARIANTS), ("fwd_bwd", DEFAULT_VARIANTS))
+    elif args.pattern == "transient-global":  # the side kernels' configs; the forward ones time the forward
+        plan = (("fwd", SIDE_VARIANTS[:5]), ("fwd_bwd", SIDE_VARIANTS[:1] + SIDE_VARIANTS[5:]))
     elif args.only == "dq":
         plan = (("fwd_bwd", SPARSE_DQ_VARIANTS),)
     else:

@@ -345,7 +345,9 @@ def test_launch_configs_per_pattern_and_the_tile_override(monkeypatch):
     assert dense == flash_mod._TILES["sm90"]["fwd"]
     assert local == flash_mod._SPARSE_TILES["sm90"][1]["fwd"] and block == flash_mod._SPARSE_TILES["sm90"][2]["fwd"]
     assert dense[2:] != local[2:] and dense[2:] != block[2:]
-    assert flash_mod.launch_config("side", False, 1) == flash_mod._TILES["sm90"]["side"]  # no sparse entry
+    for kind in ("side_fwd", "global_fwd", "side_dq", "side_dkdv"):  # no sparse entry; each a full config
+        assert flash_mod.launch_config(kind, False, 1) == flash_mod._TILES["sm90"][kind]
+        assert len(flash_mod._TILES["sm90"][kind]) >= 4
     assert flash_mod.launch_config("fwd", True, 1) == flash_mod._TILES["fp32"]["fwd"]  # no fp32 sparse tiles
     monkeypatch.setenv("T5CORE_TILE_FWD", "64x32")
     assert flash_mod.launch_config("fwd", False, 1) == (64, 32, *local[2:])
