@@ -921,7 +921,7 @@ def _global_rows_dq_kernel(
     tl.store(PartDQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq)
     if DTABLE:  # [chunk, B*H, tile, run]
         slot = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * tl.num_programs(2) + t
-        e = _run_sums(acc_runs, acc_rows * 0.0, acc_rows * 0.0, nb_idx, N_RUNS)
+        e = _run_sums(acc_runs, acc_rows, acc_rows, nb_idx, N_RUNS)  # ANY tiles only: no far row sums (0)
         tl.store(PartTable + slot * N_RUNS + nb_idx, e, mask=nb_idx < N_RUNS)
 
 
