@@ -617,51 +617,48 @@ def _bwd_dq_kernel(
     acc_runs = tl.zeros([BLOCK_M, NB_POW2], dtype=tl.float32)
     if PATTERN == LOCAL:  # every tile reads the window's bias row (see the forward)
         split = tl.minimum(tl.maximum(n_full, a0), e1)
-        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, RunEnd, 0.0, kv_len, a0, split, m0,
-                                         q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
-                                         FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, RunEnd, 0.0, kv_len, split, e1, m0,
-                                         q_offset, offs_n, offs_d, nb_idx, NEAR, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
-                                         FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                           stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, a0, split, m0, q_offset,
+                                           offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                           FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                           stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, split, e1, m0, q_offset,
+                                           offs_n, offs_d, nb_idx, NEAR, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                           FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:
             dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, 0,
-                                             lead_end, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS,
-                                             DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
-                                             NUM_GLOBAL)
+                                               stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, 0, lead_end, m0,
+                                               q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, CAUSAL,
+                                               REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
             dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, a0,
-                                             i0, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE,
-                                             CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
-                                             NUM_GLOBAL)
-        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, RunEnd, c_left, kv_len, i0, f0, m0,
-                                         q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
-                                         FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                         q_pos, bias_row, RunEnd, 0.0, kv_len, f0, f1, m0,
-                                         q_offset, offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
-                                         FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                               stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, a0, i0, m0, q_offset,
+                                               offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                               FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                           stride_vn, q_pos, bias_row, RunEnd, c_left, kv_len, i0, f0, m0, q_offset,
+                                           offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                           FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                           stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, f0, f1, m0, q_offset,
+                                           offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                           FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         dq, acc_right, acc_runs = _dq_inner(dq, acc_right, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
-                                          stride_vn, q_pos, bias_row, RunEnd, c_right, kv_len, f1,
-                                          i1, m0, q_offset, offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE,
-                                          CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                            stride_vn, q_pos, bias_row, RunEnd, c_right, kv_len, f1, i1, m0, q_offset,
+                                            offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                            FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         if PATTERN == DENSE:
             if n_full < hi:
                 dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
-                                                 stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len,
-                                                 n_full, n_full + BLOCK_N, m0, q_offset, offs_n, offs_d, nb_idx, ANY,
-                                                 True, HAS_BIAS, DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                                 DENSE, 0, 1, 0)
+                                                   stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, n_full,
+                                                   n_full + BLOCK_N, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True,
+                                                   HAS_BIAS, DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE,
+                                                   0, 1, 0)
         else:
             dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
-                                             stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, i1,
-                                             e1, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE,
-                                             CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
-                                             NUM_GLOBAL)
+                                               stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, i1, e1, m0, q_offset,
+                                               offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                               FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
     if DTABLE:
@@ -914,9 +911,9 @@ def _global_rows_dq_kernel(
     acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_runs = tl.zeros([BLOCK_M, NB_POW2], dtype=tl.float32)
     dq, acc_rows, acc_runs = _dq_inner(dq, acc_rows, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     offs_m, bias_row, RunEnd, 0.0, kv_len, start, end, m0, 0,
-                                     offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, False, REACH, FP32_DOT,
-                                     BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+                                       offs_m, bias_row, RunEnd, 0.0, kv_len, start, end, m0, 0, offs_n, offs_d, nb_idx,
+                                       ANY, True, HAS_BIAS, DTABLE, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0,
+                                       SBLOCK, NUM_GLOBAL)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartDQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq)
     if DTABLE:  # [chunk, B*H, tile, run]
@@ -1047,8 +1044,8 @@ def _side_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_ib,
     stride_pb, stride_ph, stride_pm,
     num_heads, seqlen,
-    N_RUNS: tl.constexpr, NB_POW2: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    N_RUNS: tl.constexpr, NB_POW2: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq [B, H, L, D] fp32 of the side keys and the global table's per-bucket dS sums per query tile.
     LSE is +inf on rows that see no side key, so they contribute nothing."""
@@ -1082,21 +1079,21 @@ def _side_dq_kernel(
     c_left = tl.load(bias_row - 2 * REACH) * LOG2E
     c_right = tl.load(bias_row + 2 * REACH) * LOG2E
     dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, RunEnd, c_left, n_side, 0, left_end, first,
-                                     0, offs_n, offs_d, nb_idx, FAR, False, True, True, False, REACH, FP32_DOT, BLOCK_M,
-                                     BLOCK_N, DENSE, 0, 1, 0)
+                                       q_pos, bias_row, RunEnd, c_left, n_side, 0, left_end, first, 0, offs_n, offs_d,
+                                       nb_idx, FAR, False, True, True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE,
+                                       0, 1, 0)
     dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, RunEnd, 0.0, n_side, left_end, right_start,
-                                     first, 0, offs_n, offs_d, nb_idx, ANY, False, True, True, False, REACH, FP32_DOT,
-                                     BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    dq, acc_right, acc_runs = _dq_inner(dq, acc_right, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                      q_pos, bias_row, RunEnd, c_right, n_side, right_start,
-                                      n_full, first, 0, offs_n, offs_d, nb_idx, FAR, False, True, True, False, REACH,
-                                      FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                       q_pos, bias_row, RunEnd, 0.0, n_side, left_end, right_start, first, 0, offs_n,
+                                       offs_d, nb_idx, ANY, False, True, True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
+                                       DENSE, 0, 1, 0)
+    dq, acc_right, acc_runs = _dq_inner(dq, acc_right, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                        stride_vn, q_pos, bias_row, RunEnd, c_right, n_side, right_start, n_full, first,
+                                        0, offs_n, offs_d, nb_idx, FAR, False, True, True, False, REACH, FP32_DOT,
+                                        BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                     q_pos, bias_row, RunEnd, 0.0, n_side, n_full,
-                                     tl.cdiv(n_side, BLOCK_N) * BLOCK_N, first, 0, offs_n, offs_d, nb_idx, ANY, True,
-                                     True, True, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+                                       q_pos, bias_row, RunEnd, 0.0, n_side, n_full, tl.cdiv(n_side, BLOCK_N) * BLOCK_N,
+                                       first, 0, offs_n, offs_d, nb_idx, ANY, True, True, True, False, REACH, FP32_DOT,
+                                       BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     e = _run_sums(acc_runs, acc_left, acc_right, nb_idx, N_RUNS)
     tl.store(DQ + ((b64 * num_heads + h64) * seqlen + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq,
              mask=rmask[:, None])
@@ -1745,8 +1742,8 @@ def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_length
         _side_dq_kernel, "side_dq", fp32, (n_tiles, batch * heads),
         q, side_k, side_v, do, lse, delta, dq, parts, block_ids, side_lengths, lut, tables.run_end, *strides,
         parts.stride(0), parts.stride(1), parts.stride(2), heads, length,
-        N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(), REACH=tables.reach, FP32_DOT=fp32, HEAD_DIM=dim, BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(), REACH=tables.reach, FP32_DOT=fp32, HEAD_DIM=dim,
+        BLOCK_M=block_m, BLOCK_N=block_n,
     )
 
     d_side_k, d_side_v = _split_dkdv(q, side_k, side_v, do, lse, delta, lut, tables.reach, side_lengths, block_ids,
