@@ -60,12 +60,12 @@ SPARSE_DQ_VARIANTS = [  # the dq tile alone, dk/dv at the sparse default (kernel
     for dq in ("64x32x4x3x128", "64x32x4x3", "64x32x4x2x128", "64x64x4x3x128", "64x64x4x3", "64x64x4x2",
                "128x32x8x3x128", "128x64x8x3x128", "32x32x4x3")
 ]
-SIDE_VARIANTS = [  # transient-global's side-key kernels, one at a time (kernels/flash.py: _TILES "side_*")
-    dict(),  # the defaults
-    *(dict(T5CORE_TILE_SIDE_FWD=t) for t in ("128x64x8x3x128", "128x64x8x2x128", "64x64x4x3", "64x64x4x2x128")),
-    *(dict(T5CORE_TILE_SIDE_DQ=t) for t in ("64x32x4x3x128", "64x64x4x3x128", "128x64x8x3x128")),
-    *(dict(T5CORE_TILE_SIDE_DKDV=t) for t in ("32x128x4x3", "64x64x4x3x128", "64x128x8x3x128", "128x64x8x3x128")),
-]
+# transient-global's side-key kernels, one at a time, the defaults first (kernels/flash.py: _TILES "side_*")
+SIDE_FWD_VARIANTS = [dict(), *(dict(T5CORE_TILE_SIDE_FWD=t) for t in (
+    "128x64x8x3x128", "128x64x8x2x128", "64x64x4x3", "64x64x4x2x128"))]
+SIDE_BWD_VARIANTS = [dict(), *(dict(T5CORE_TILE_SIDE_DQ=t) for t in (
+    "64x32x4x3x128", "64x64x4x3x128", "128x64x8x3x128")), *(dict(T5CORE_TILE_SIDE_DKDV=t) for t in (
+    "32x128x4x3", "64x64x4x3x128", "64x128x8x3x128", "128x64x8x3x128"))]
 DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(buckets="none")]
 
 
@@ -154,7 +154,7 @@ def main():
     if args.defaults:
         plan = (("fwd", DEFAULT_VARIANTS), ("fwd_bwd", DEFAULT_VARIANTS))
     elif args.pattern == "transient-global":  # the side kernels' configs; the forward ones time the forward
-        plan = (("fwd", SIDE_VARIANTS[:5]), ("fwd_bwd", SIDE_VARIANTS[:1] + SIDE_VARIANTS[5:]))
+        plan = (("fwd", SIDE_FWD_VARIANTS), ("fwd_bwd", SIDE_BWD_VARIANTS))
     elif args.only == "dq":
         plan = (("fwd_bwd", SPARSE_DQ_VARIANTS),)
     else:
