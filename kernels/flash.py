@@ -924,7 +924,7 @@ def _global_rows_dq_kernel(
 
 @triton.jit
 def _split_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, PartDK, PartDV, BiasLUT, KeyLens, QPos,
+    Q, K, V, DO, LSE, Delta, PartDK, PartDV, BiasLUT, KeyLens, QPos, FarRows,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_pb,
     num_heads, seqlen, num_keys, chunk, cols_total, lut_w,
@@ -935,7 +935,10 @@ def _split_dkdv_kernel(
     """Partial dk, dv of key tile t over queries [c * chunk, (c + 1) * chunk), for keys that
     queries all along the sequence see: `block`'s global keys (PATTERN, keys = the queries'
     sequence) or transient-global's side keys (Q_POS_TENSOR: query positions read from QPos).
-    The caller sums the chunks."""
+    The caller sums the chunks. Side keys: FarRows [B, tiles, 2] holds, per key tile, the rows
+    below which every position is at least REACH before the tile's keys and from which every
+    one is at least REACH after them; the query tiles wholly in either part are far tiles (one
+    scalar bias), the others gather theirs per score."""
     c, pid_bh, b64, h64, kv_len = _split_program(num_heads, num_keys, KeyLens, HAS_KEYLENS)
     n0 = tl.program_id(2) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
@@ -956,11 +959,30 @@ def _split_dkdv_kernel(
         q_end = tl.cdiv(kv_len, BLOCK_M) * BLOCK_M  # queries are the keys' sequence: padded rows see nothing
     end = tl.minimum(start + chunk, q_end)
     bias_row = _bias_center(BiasLUT, h64, lut_w)  # rel 0 of this head's bias row
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
-                         LSE + b64 * stride_lb + h64 * stride_lh, Delta + b64 * stride_lb + h64 * stride_lh,
-                         stride_qm, stride_dom, cols, n0, 0.0, seqlen, 0, start, end, offs_m, offs_d, bias_row,
-                         QPos + b64 * stride_pb, ANY, HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0,
-                         SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    lse_base = LSE + b64 * stride_lb + h64 * stride_lh
+    delta_base = Delta + b64 * stride_lb + h64 * stride_lh
+    q_pos_base = QPos + b64 * stride_pb
+    near_start = start
+    near_end = end
+    if Q_POS_TENSOR:
+        far_rows = FarRows + (b64 * tl.num_programs(2) + tl.program_id(2)) * 2
+        near_start = tl.minimum(tl.maximum((tl.load(far_rows) // BLOCK_M) * BLOCK_M, start), end)
+        near_end = tl.minimum(tl.maximum(tl.cdiv(tl.load(far_rows + 1), BLOCK_M) * BLOCK_M, near_start), end)
+        c_right = tl.load(bias_row + 2 * REACH) * LOG2E  # rel >= REACH: queries before the keys
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                             c_right, seqlen, 0, start, near_start, offs_m, offs_d, bias_row, q_pos_base, FAR,
+                             HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL,
+                             Q_POS_TENSOR)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0, 0.0,
+                         seqlen, 0, near_start, near_end, offs_m, offs_d, bias_row, q_pos_base, ANY, HAS_BIAS, False,
+                         FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
+    if Q_POS_TENSOR:
+        c_left = tl.load(bias_row - 2 * REACH) * LOG2E  # rel <= -REACH: queries after the keys
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                             c_left, seqlen, 0, near_end, end, offs_m, offs_d, bias_row, q_pos_base, FAR, HAS_BIAS,
+                             False, FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
     col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
@@ -1028,27 +1050,37 @@ def _side_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0, n_side,
                                n_full, tl.cdiv(n_side, BLOCK_N) * BLOCK_N, m0, 0, offs_n, offs_d, ANY, True, HAS_BIAS,
                                False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-    empty = (l_i == 0.0) | (block_id < 0)
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=rmask[:, None])
-    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + offs_m, lse, mask=rmask)
+    # Merge with the local window's softmax, (out, base-2 lse) in Out and LSE, in place: the
+    # local part is out with weight 1 at m = lse. Rows with no block (padding, or no full block)
+    # see no side key and keep the local result; every other row sees side key 0 at least, so
+    # the side part's l > 0.
+    merged = rmask & (block_id >= 0)
+    o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    l_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + offs_m
+    lse_local = tl.load(l_ptrs, mask=merged, other=float("inf"))  # +inf: no local key (weight 0)
+    out_local = tl.load(o_ptrs, mask=merged[:, None], other=0.0).to(tl.float32)
+    m = tl.where(merged, tl.maximum(m_i, lse_local), 0.0)  # finite on merged rows (m_i is)
+    w_local = tl.math.exp2(tl.where(lse_local == float("inf"), float("-inf"), lse_local) - m)
+    w_side = tl.math.exp2(m_i - m)
+    total = tl.where(merged, w_local + w_side * l_i, 1.0)
+    out = (out_local * w_local[:, None] + acc * w_side[:, None]) / total[:, None]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=merged[:, None])
+    tl.store(l_ptrs, m + tl.math.log2(total), mask=merged)
 
 
 @triton.jit
 def _side_dq_kernel(
-    Q, SK, SV, DO, LSE, Delta, DQ, DTablePart, BlockIds, SideLens, BiasLUT, RunEnd,
+    Q, SK, SV, DO, LSE, Delta, DQLocal, DQ, DTablePart, BlockIds, SideLens, BiasLUT, RunEnd,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_ib,
-    stride_pb, stride_ph, stride_pm,
+    stride_pb, stride_ph, stride_pm, stride_ab, stride_ah, stride_am, stride_dqb, stride_dqh, stride_dqm,
     num_heads, seqlen,
     N_RUNS: tl.constexpr, NB_POW2: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dq [B, H, L, D] fp32 of the side keys and the global table's per-bucket dS sums per query tile.
-    LSE is +inf on rows that see no side key, so they contribute nothing."""
+    """dq = DQLocal (the local window's dq, fp32) + the side keys' dq, in DQ's dtype, and the global
+    table's per-bucket dS sums per query tile. LSE is +inf on rows that see no side key, so they
+    add nothing."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b64 = (pid_bh // num_heads).to(tl.int64)
@@ -1095,8 +1127,10 @@ def _side_dq_kernel(
                                        first, 0, offs_n, offs_d, nb_idx, ANY, True, True, True, False, REACH, FP32_DOT,
                                        BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     e = _run_sums(acc_runs, acc_left, acc_right, nb_idx, N_RUNS)
-    tl.store(DQ + ((b64 * num_heads + h64) * seqlen + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq,
-             mask=rmask[:, None])
+    dq += tl.load(DQLocal + b64 * stride_ab + h64 * stride_ah + offs_m[:, None] * stride_am + offs_d[None, :],
+                  mask=rmask[:, None], other=0.0)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
     tl.store(DTablePart + b64 * stride_pb + h64 * stride_ph + pid_m * stride_pm + nb_idx, e, mask=nb_idx < N_RUNS)
 
 
@@ -1460,9 +1494,11 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 
 def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              bidirectional, num_buckets, max_distance, causal, q_offset, pattern: Pattern = DENSE_PATTERN,
-             table_grad: bool = True):
+             table_grad: bool = True, delta=None, dq_dtype=None):
     """Returns (dq, dk, dv, dtable); dtable is an empty tensor when table is None or not table_grad (a
-    frozen table: the dq kernel then skips the per-bucket dS sums, most of a near tile's cost)."""
+    frozen table: the dq kernel then skips the per-bucket dS sums, most of a near tile's cost).
+    delta: `row_delta(out, do)` when the caller has it already; dq_dtype: dq's dtype when it is not
+    q's (transient-global: fp32, which the side dq kernel finishes)."""
     tables = _bucket_tables(bidirectional, num_buckets, max_distance, q.device)
     reach = tables.reach
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
@@ -1476,12 +1512,8 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     tune_len = _tune_len(max(lay.seqlen_q, lay.seqlen_k))
     bh = lay.batch * lay.heads
 
-    delta = _new(lse.shape, torch.float32, q.device)
-    block = 64 if lay.head_dim <= 64 else 32
-    _bwd_delta_kernel[(triton.cdiv(lay.seqlen_q, block), bh)](
-        out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
-        lay.heads, lay.seqlen_q, IS_VARLEN=lay.varlen, HEAD_DIM=lay.head_dim, BLOCK_M=block,
-    )
+    if delta is None:
+        delta = _row_delta(out, do, lay, cu_q)
 
     wants_dtable = table is not None and table_grad
     table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
@@ -1499,7 +1531,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     else:
         parts = _dummy(q.device, torch.float32).view(1, 1, 1)
 
-    dq = _new_like(q)
+    dq = _new_like(q) if dq_dtype in (None, q.dtype) else torch.empty_like(q, dtype=dq_dtype)
     dk = _new_like(k)
     dv = _new_like(v)
     _launch(
@@ -1538,16 +1570,37 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     return dq, dk, dv, dtable
 
 
+def _row_delta(out, do, lay: _Layout, cu_q) -> torch.Tensor:
+    """delta = rowsum(dO * O) fp32, in lse's shape: the softmax backward's row term."""
+    delta = _new(lay.lse_shape, torch.float32, out.device)
+    block = 64 if lay.head_dim <= 64 else 32
+    _bwd_delta_kernel[(triton.cdiv(lay.seqlen_q, block), lay.batch * lay.heads)](
+        out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
+        lay.heads, lay.seqlen_q, IS_VARLEN=lay.varlen, HEAD_DIM=lay.head_dim, BLOCK_M=block,
+    )
+    return delta
+
+
+def row_delta(out, do) -> torch.Tensor:
+    """delta [B, H, L] fp32 = rowsum(dO * O) of a batched [B, H, L, D] output and its gradient."""
+    out, do = _last_dim_contiguous(out), _last_dim_contiguous(do)
+    return _row_delta(out, do, _Layout(out, out), _dummy(out.device))
+
+
 # ---- `block` pattern: global rows and columns (the split kernels above) ----------------------
 
 
 GLOBAL_MIN_CHUNK = 1024  # tests lower it to split short sequences into many chunks
+SPLIT_PROGRAMS = 2048  # programs a split launch aims for: enough waves for every SM of an H200
 
 
-def _global_chunk(length: int, tile_len: int) -> int:
-    """Chunk of the long axis per program of the split kernels: at most 128 chunks, at least
+def _global_chunk(length: int, tile_len: int, tiles: int) -> int:
+    """Chunk of the long axis per program of the split kernels, whose grid is chunks x `tiles`
+    (short-axis tiles times batch and heads): as few chunks as give SPLIT_PROGRAMS programs (each
+    chunk costs an fp32 partial of every tile, summed in torch), at most 128, at least
     GLOBAL_MIN_CHUNK positions (rounded up to whole tiles)."""
-    return tile_len * triton.cdiv(max(triton.cdiv(length, 128), GLOBAL_MIN_CHUNK), tile_len)
+    chunks = min(max(triton.cdiv(SPLIT_PROGRAMS, tiles), 1), 128)
+    return tile_len * triton.cdiv(max(triton.cdiv(length, chunks), GLOBAL_MIN_CHUNK), tile_len)
 
 
 def _launch_side(kernel, kind: str, fp32: bool, grid: tuple, *args, **kwargs):
@@ -1571,7 +1624,7 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
     block_m, block_n = tile("global_fwd", fp32)
     n_tiles = triton.cdiv(min(pattern.num_global, length), block_m)
     rows = n_tiles * block_m
-    chunk = _global_chunk(length, block_n)
+    chunk = _global_chunk(length, block_n, n_tiles * batch * heads)
     n_chunks = triton.cdiv(length, chunk)
     part_m = torch.empty((n_chunks, batch * heads, rows), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
@@ -1598,6 +1651,22 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
     lse[:, :, :real] = merged_lse.view(batch, heads, rows)[:, :, :real]
 
 
+def _far_rows(q_pos: torch.Tensor, n_tiles: int, block_n: int, reach: int) -> torch.Tensor:
+    """[B, n_tiles, 2] int32: for key tile t (keys t * block_n ...), the rows before which every
+    query position is <= its first key - reach, and from which every one is >= its last key +
+    reach. q_pos [B, L]: block ids as make_layout gives them for a right-padded mask, nondecreasing
+    and then -1 on the padding (which sees no side key: lse = +inf, so any bias serves it); other
+    block ids are rejected (checked on the device)."""
+    pos = torch.where(q_pos < 0, torch.iinfo(torch.int32).max, q_pos).to(torch.int32).contiguous()
+    torch._assert_async((pos[:, 1:] >= pos[:, :-1]).all(),
+                        "transient-global block ids must not decrease along a row, with -1 only on the "
+                        "right padding (t5core.sparse.make_layout of a right-padded mask gives such)")
+    first = torch.arange(n_tiles, device=q_pos.device, dtype=torch.int32) * block_n
+    before = torch.searchsorted(pos, (first - reach).expand(pos.shape[0], -1).contiguous(), right=True)
+    after = torch.searchsorted(pos, (first + block_n - 1 + reach).expand(pos.shape[0], -1).contiguous())
+    return torch.stack([before, after], dim=-1).to(torch.int32).contiguous()
+
+
 def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, first_keys, has_bias, reach,
                 pattern: Pattern):
     """dk, dv (fp32) of the key tiles holding the first `first_keys` keys, over every query, the
@@ -1607,15 +1676,16 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, fi
     fp32 = q.dtype == torch.float32
     block_m, block_n = tile("side_dkdv", fp32)
     n_tiles = triton.cdiv(first_keys, block_n)
-    cols, chunk = n_tiles * block_n, _global_chunk(length, block_m)
+    cols, chunk = n_tiles * block_n, _global_chunk(length, block_m, n_tiles * batch * heads)
     n_chunks = triton.cdiv(length, chunk)
     part_dk = torch.empty((n_chunks, batch * heads, cols, dim), dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
     q_pos_arg = q_pos if q_pos is not None else _dummy(q.device)
+    far_rows = _far_rows(q_pos, n_tiles, block_n, reach) if q_pos is not None else _dummy(q.device)
     _launch_side(
         _split_dkdv_kernel, "side_dkdv", fp32, (n_chunks, batch * heads, n_tiles),
         q, k, v, do, lse, delta, part_dk, part_dv, bias_lut,
-        key_lengths if key_lengths is not None else _dummy(q.device), q_pos_arg,
+        key_lengths if key_lengths is not None else _dummy(q.device), q_pos_arg, far_rows,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
         q_pos_arg.stride(0) if q_pos is not None else 0, heads, length, k.shape[2], chunk, cols, lut_w,
@@ -1644,7 +1714,7 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, table
 
     block_m, block_n = tile("side_dq", fp32)
     n_tiles = triton.cdiv(n_global, block_m)
-    rows, chunk = n_tiles * block_m, _global_chunk(length, block_n)
+    rows, chunk = n_tiles * block_m, _global_chunk(length, block_n, n_tiles * bh)
     n_chunks = triton.cdiv(length, chunk)
     part_dq = torch.empty((n_chunks, bh, rows, dim), dtype=torch.float32, device=q.device)
     part_table = torch.zeros((n_chunks, bh, n_tiles, tables.n_runs), dtype=torch.float32, device=q.device)
@@ -1669,23 +1739,10 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, table
 # ---- `transient-global` (forward; inference) ----------------------------------------------------
 
 
-def merge_attention(out_a, lse_a, out_b, lse_b):
-    """One softmax over two disjoint key sets from each set's (out, base-2 lse); lse = +inf means
-    "no key" (the kernels' convention). Returns (out, lse) in the same convention."""
-    weight_a = torch.where(torch.isinf(lse_a), float("-inf"), lse_a)
-    weight_b = torch.where(torch.isinf(lse_b), float("-inf"), lse_b)
-    top = torch.maximum(weight_a, weight_b)
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    a, b = torch.exp2(weight_a - top), torch.exp2(weight_b - top)
-    total = a + b
-    keep = total > 0
-    safe = torch.where(keep, total, 1.0)
-    out = (out_a.float() * (a / safe)[..., None] + out_b.float() * (b / safe)[..., None]).to(out_a.dtype)
-    return out, torch.where(keep, top + torch.log2(safe), float("inf"))
-
-
-def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths):
-    """Side attention of transient-global: (out [B, H, L, D], base-2 lse [B, H, L]).
+def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths, out, lse):
+    """Side attention of transient-global, merged into the local window's softmax in place: out
+    [B, H, L, D] and its base-2 lse [B, H, L] (+inf: no key) come from the local forward and leave
+    as the one softmax over the window and the side keys (rows with no block keep theirs).
 
     side_k, side_v [B, H, G, D]; side_lut [H, 2 * reach + 1, 2] fp32 (`side_lut`): the global table at
     bucket(rel) for rel in +-reach (constant beyond); block_ids [B, L] ints (-1: none);
@@ -1694,8 +1751,6 @@ def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths):
     _check(q, side_k, side_v, None, 32, reach)
     q, side_k, side_v = (_last_dim_contiguous(x) for x in (q, side_k, side_v))
     batch, heads, length, dim = q.shape
-    out = _new(q.shape, q.dtype, q.device)
-    lse = _new((batch, heads, length), torch.float32, q.device)
     fp32 = q.dtype == torch.float32
     block_m, block_n = tile("side_fwd", fp32)
     block_ids = block_ids.contiguous()
@@ -1717,17 +1772,19 @@ def side_lut(table: torch.Tensor, num_buckets: int, max_distance: int) -> torch.
     return _bias_row(table, tables.lut, tables.reach, tables.reach)
 
 
-def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_lengths, num_buckets, max_distance):
-    """Gradients of the side part of transient-global, given the merged out and lse:
-    (dq fp32 [B, H, L, D], d side_k, d side_v, d table [num_buckets, H])."""
-    q, side_k, side_v = (_last_dim_contiguous(x) for x in (q, side_k, side_v))
-    do = do.contiguous()
+def side_backward(do, q, side_k, side_v, lse, delta, dq_local, table, block_ids, side_lengths, num_buckets,
+                  max_distance):
+    """Gradients of the side part of transient-global, given the merged softmax's lse and delta
+    (`row_delta` of the merged output) and the local window's dq (fp32, `backward(..., dq_dtype=
+    torch.float32)`): (dq [B, H, L, D] in q's dtype, the sum of both parts, d side_k, d side_v,
+    d table [num_buckets, H])."""
+    q, side_k, side_v, do = (_last_dim_contiguous(x) for x in (q, side_k, side_v, do))
     batch, heads, length, dim = q.shape
     fp32 = q.dtype == torch.float32
     block_ids = block_ids.contiguous()
     # Rows that see no side key (block id -1) get lse = +inf here, hence p = 0 against side keys.
     lse = torch.where(block_ids[:, None, :] < 0, float("inf"), lse).contiguous()
-    delta = (out.float() * do.float()).sum(-1).contiguous()  # [B, H, L], of the merged output
+    delta = delta.contiguous()  # lse's strides serve both
     lut = side_lut(table, num_buckets, max_distance)
     tables = _bucket_tables(True, num_buckets, max_distance, q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), side_k.stride(0), side_k.stride(1), side_k.stride(2),
@@ -1736,12 +1793,13 @@ def side_backward(do, q, side_k, side_v, out, lse, table, block_ids, side_length
 
     block_m, block_n = tile("side_dq", fp32)
     n_tiles = triton.cdiv(length, block_m)
-    dq = torch.empty((batch, heads, length, dim), dtype=torch.float32, device=q.device)
+    dq = _new_like(q)
     parts = torch.zeros((batch, heads, n_tiles, tables.n_runs), dtype=torch.float32, device=q.device)
     _launch_side(
         _side_dq_kernel, "side_dq", fp32, (n_tiles, batch * heads),
-        q, side_k, side_v, do, lse, delta, dq, parts, block_ids, side_lengths, lut, tables.run_end, *strides,
-        parts.stride(0), parts.stride(1), parts.stride(2), heads, length,
+        q, side_k, side_v, do, lse, delta, dq_local, dq, parts, block_ids, side_lengths, lut, tables.run_end,
+        *strides, parts.stride(0), parts.stride(1), parts.stride(2), dq_local.stride(0), dq_local.stride(1),
+        dq_local.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), heads, length,
         N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(), REACH=tables.reach, FP32_DOT=fp32, HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=block_n,
     )

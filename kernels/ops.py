@@ -188,8 +188,7 @@ class _TransientGlobal(torch.autograd.Function):
         side_lengths = (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)
         if side_k.shape[2] > 0:
             lut = flash.side_lut(global_table, num_buckets, max_distance)
-            side_out, side_lse = flash.side_forward(q, side_k, side_v, lut, block_ids, side_lengths)
-            out, lse = flash.merge_attention(out, lse, side_out, side_lse)
+            out, lse = flash.side_forward(q, side_k, side_v, lut, block_ids, side_lengths, out, lse)
         ctx.save_for_backward(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, side_lengths,
                               out, lse)
         ctx.params = (pattern, num_buckets, max_distance)
@@ -202,13 +201,15 @@ class _TransientGlobal(torch.autograd.Function):
         # Each part's gradient from the merged softmax: P = 2^(S - lse) with the merged lse, and
         # delta from the merged output, as for any attention over a union of key sets.
         table_grad = ctx.needs_input_grad[3]
+        has_side = side_k.shape[2] > 0
+        delta = flash.row_delta(out, dout)
         dq, dk, dv, dtable = flash.backward(dout, q, k, v, out, lse, table, key_lengths, None, None, 0, 0, True,
-                                            num_buckets, max_distance, False, 0, pattern, table_grad)
-        d_side_k = d_side_v = d_global = None
-        if side_k.shape[2] > 0:
-            dq_side, d_side_k, d_side_v, d_global = flash.side_backward(
-                dout, q, side_k, side_v, out, lse, global_table, block_ids, side_lengths, num_buckets, max_distance)
-            dq = (dq.float() + dq_side).to(dq.dtype)
+                                            num_buckets, max_distance, False, 0, pattern, table_grad, delta=delta,
+                                            dq_dtype=torch.float32 if has_side else None)
+        if has_side:  # the side dq kernel adds its part to the local fp32 dq and rounds the sum once
+            dq, d_side_k, d_side_v, d_global = flash.side_backward(
+                dout, q, side_k, side_v, lse, delta, dq, global_table, block_ids, side_lengths, num_buckets,
+                max_distance)
         else:
             d_side_k, d_side_v = torch.zeros_like(side_k), torch.zeros_like(side_v)
             d_global = torch.zeros_like(global_table)
@@ -226,7 +227,8 @@ def transient_global_attention(
     One softmax over the `local` window (|k - q| <= local_radius, `table` at bucket(k - q)) and
     the side keys: side_k, side_v [B, H, G, D]; `global_table` [num_buckets, H] at the
     bidirectional bucket of g - block_ids[b, i]; block_ids [B, L] (-1: sees no side key), row b
-    having max(block_ids[b]) + 1 side keys (t5core.sparse.make_layout gives both). q, k, v
+    having max(block_ids[b]) + 1 side keys (t5core.sparse.make_layout gives both; the backward
+    needs them nondecreasing along a row, then -1 on the right padding, and checks). q, k, v
     [B, H, L, D]; key_lengths [B] (right padding): padded query rows output 0. Gradients reach
     q, k, v, both tables and the side keys and values. Not a torch.library op: torch.compile
     traces around it with a graph break.

@@ -283,17 +283,20 @@ def _tglobal_case(L, lengths, radius, global_block, num_buckets, max_distance, d
     return leaves, layout, mask, bias, (side_k, side_v)
 
 
-@pytest.mark.parametrize("L,lengths,radius,global_block,num_buckets,max_distance", [
-    (70, [70, 33], 9, 4, 32, 24),    # orphans (33 = 8 blocks of 4 + 1), padding, rel beyond max_distance
-    (100, [100, 100], 30, 16, 8, 4),  # side keys beyond +-max_distance (the clamped LUT)
-    (300, [300, 211], 9, 4, 8, 4),   # 75 side keys: far side-key tiles on both sides, padding
-    (45, [45, 3], 7, 4, 32, 128),    # a row with no full global block: no side key at all
-    (9, [9, 9], 3, 16, 32, 128),     # shorter than a global block: G = 0 side keys
+@pytest.mark.parametrize("L,lengths,radius,global_block,num_buckets,max_distance,heads_last", [
+    (70, [70, 33], 9, 4, 32, 24, False),    # orphans (33 = 8 blocks of 4 + 1), padding, rel beyond max_distance
+    (70, [70, 33], 9, 4, 32, 24, True),     # the same, q, k, v in a model's [B, L, H, D] memory
+    (100, [100, 100], 30, 16, 8, 4, False),  # side keys beyond +-max_distance (the clamped LUT)
+    (300, [300, 211], 9, 4, 8, 4, False),   # 75 side keys: far side-key tiles on both sides, padding
+    (45, [45, 3], 7, 4, 32, 128, False),    # a row with no full global block: no side key at all
+    (9, [9, 9], 3, 16, 32, 128, False),     # shorter than a global block: G = 0 side keys
 ])
 def test_transient_global_kernels_equal_the_torch_route(monkeypatch, L, lengths, radius, global_block, num_buckets,
-                                                        max_distance):
+                                                        max_distance, heads_last):
     """tglobal_kernel_attention (what attend_sparse calls on CUDA) against the blocked torch route
-    in float64: output and the gradients of q, k, v, both tables and the side keys and values."""
+    in float64: output and the gradients of q, k, v, both tables and the side keys and values.
+    heads_last: q, k, v are [B, H, L, D] views of [B, L, H, D] memory, as a model's projections
+    are (so are the output, the merged softmax the side kernel writes in place, and dq)."""
     from t5core.sparse import tglobal_kernel_attention
 
     monkeypatch.setattr(flash_mod, "GLOBAL_MIN_CHUNK", 16)  # the side dk/dv split over several query chunks
@@ -301,6 +304,9 @@ def test_transient_global_kernels_equal_the_torch_route(monkeypatch, L, lengths,
     ref_leaves, ref_layout, mask, ref_bias, ref_side = _tglobal_case(*case, torch.float64, seed=L + radius)
     expected = attend_sparse(*ref_leaves[:3], layout=ref_layout, bias=ref_bias, key_mask=mask, side_kv=ref_side)
     leaves, layout, _, bias, side = _tglobal_case(*case, torch.float32, seed=L + radius)
+    if heads_last:
+        leaves[:3] = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in leaves[:3]]
+        assert leaves[0].stride(2) != leaves[0].shape[-1]
     actual = tglobal_kernel_attention(*leaves[:3], layout=layout, bias=bias, key_mask=mask, side_kv=side)
     assert torch.isfinite(actual).all()
     assert rel_err(actual, expected) < FP32_TOL
@@ -315,6 +321,44 @@ def test_transient_global_kernels_equal_the_torch_route(monkeypatch, L, lengths,
             continue
         assert torch.isfinite(grad).all(), name
         assert rel_err(grad, ref) < FP32_TOL, f"{name}: {rel_err(grad, ref):.2e}"
+
+
+@pytest.mark.parametrize("num_buckets,max_distance,block_n", [(32, 128, 32), (8, 4, 16)])
+def test_far_rows_split_each_side_key_tile_exactly(num_buckets, max_distance, block_n):
+    """_far_rows (the side dk/dv kernel's far query rows per key tile) against brute force: every
+    real row before the first bound is >= reach before the tile's keys, every real row from the
+    second is >= reach after them, and no real row on the other side of a bound is."""
+    from t5core.sparse import global_block_ids
+
+    reach = flash_mod._bucket_tables(True, num_buckets, max_distance, torch.device("cpu")).reach
+    g = torch.Generator().manual_seed(3)
+    L, gbs = 3000, 8
+    lengths = torch.tensor([L, 2001, int(torch.randint(1, L, (1,), generator=g)), gbs - 1])
+    valid = torch.arange(L)[None, :] < lengths[:, None]  # right padding, orphans, no full block
+    block_ids, _ = global_block_ids(valid, gbs)
+    n_tiles = triton.cdiv(L // gbs, block_n)
+    bounds = flash_mod._far_rows(block_ids, n_tiles, block_n, reach)
+    assert bounds.shape == (4, n_tiles, 2) and bounds.dtype == torch.int32
+    rows = torch.arange(L)
+    for b in range(4):
+        real = block_ids[b] >= 0
+        for t in range(n_tiles):
+            first, last = t * block_n, t * block_n + block_n - 1
+            before, after = bounds[b, t].tolist()
+            assert 0 <= before <= after <= L
+            far_right = real & (block_ids[b] <= first - reach)
+            far_left = real & (block_ids[b] >= last + reach)
+            assert torch.equal(far_right, real & (rows < before)), (b, t)
+            assert torch.equal(far_left, real & (rows >= after)), (b, t)
+
+
+def test_far_rows_reject_block_ids_with_holes():
+    """Padding inside a row (block ids -1 between real ones) would break the sorted search: a
+    clear error, not a wrong bias."""
+    block_ids = torch.arange(64)[None] // 8
+    block_ids[0, 20:30] = -1
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        flash_mod._far_rows(block_ids, 2, 4, 3)
 
 
 def test_opcheck_sparse_patterns():
