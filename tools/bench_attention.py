@@ -40,6 +40,18 @@ ALL_PEERS = ["t5core", "t5core_bf16_table", "t5core_nobias", "sdpa", "sdpa_bias"
 SPARSE_PARAMS = {"local": dict(local_radius=127), "block": dict(block_size=512, num_global=16)}
 
 
+def tglobal_inputs(L: int, H: int, D: int, dtype, global_block_size: int, need_grad: bool, table_grad: bool):
+    """transient-global's side keys and values [1, H, L // global_block_size, D], global table
+    [32, H] fp32 and block ids [1, L] for one unpadded row (random: the kernels' times do not
+    depend on the values)."""
+    side = L // global_block_size
+    side_k, side_v = (torch.randn(1, H, side, D, device="cuda", dtype=dtype, requires_grad=need_grad)
+                      for _ in range(2))
+    global_table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(table_grad)
+    block_ids = (torch.arange(L, device="cuda") // global_block_size)[None]
+    return side_k, side_v, global_table, block_ids
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,4096,16384,32768,131072", help="comma-separated sequence lengths")
@@ -256,11 +268,8 @@ def sparse_main(args):
                     if mode == "dense":
                         fn = lambda: flash_attention(q, k, v, table)  # noqa: E731
                     elif mode == "transient-global":
-                        side = L // args.global_block_size
-                        side_k, side_v = (torch.randn(1, H, side, D, device="cuda", dtype=dtype,
-                                                      requires_grad=need_grad) for _ in range(2))
-                        global_table = (torch.randn(32, H, device="cuda") * 3).requires_grad_(kind == "fwd_bwd")
-                        block_ids = (torch.arange(L, device="cuda") // args.global_block_size)[None]
+                        side_k, side_v, global_table, block_ids = tglobal_inputs(
+                            L, H, D, dtype, args.global_block_size, need_grad, kind == "fwd_bwd")
                         fn = lambda: transient_global_attention(  # noqa: E731
                             q, k, v, table, side_k, side_v, global_table, block_ids, local_radius=args.local_radius)
                     else:

@@ -7,8 +7,9 @@
 bf16, 12 heads, head dim 64, batch x length = 16k tokens (as bench_attention.py). For each
 length, forward and forward+backward with the T5 bias and without: the kernels by total CUDA
 time per call (torch.profiler), so the cost of the bias shows kernel by kernel (near tiles in
-the main kernels, the bias-row and table-gradient kernels around them). --pattern local or
-block profiles the sparse patterns (radius 127; blocks of 512 with 16 global tokens), batch 1.
+the main kernels, the bias-row and table-gradient kernels around them). --pattern local,
+block or transient-global profiles the sparse modes (radius 127; blocks of 512 with 16 global
+tokens; one side key per 16 tokens, its global table always on), batch 1.
 A diagnosis tool: the benchmark is bench_attention.py.
 """
 from __future__ import annotations
@@ -16,13 +17,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_attention import SPARSE_PARAMS  # tools/ is on the path when run as a script
+from bench_attention import SPARSE_PARAMS, tglobal_inputs  # tools/ is on the path when run as a script
 from profile_model import table as kernel_table
 from torch.profiler import ProfilerActivity, profile
 
 
 def main() -> int:
-    from t5core.kernels import flash_attention, sparse_attention
+    from t5core.kernels import flash_attention, sparse_attention, transient_global_attention
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096")
@@ -30,7 +31,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--table-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the bias table's dtype (a bf16 model's is bf16)")
-    p.add_argument("--pattern", default="dense", choices=["dense", "local", "block"])
+    p.add_argument("--pattern", default="dense", choices=["dense", "local", "block", "transient-global"])
     args = p.parse_args()
     H, D = 12, 64
     for L in (int(x) for x in args.lengths.split(",")):
@@ -43,13 +44,17 @@ def main() -> int:
                 table = (torch.randn(32, H, device="cuda", dtype=getattr(torch, args.table_dtype),
                                      requires_grad=backward) if with_bias else None)
                 dout = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+                side = (tglobal_inputs(L, H, D, torch.bfloat16, 16, backward, backward)
+                        if args.pattern == "transient-global" else ())
 
                 def call():
-                    for leaf in (q, k, v, table):  # no accumulation into .grad (as inside a model)
+                    for leaf in (q, k, v, table, *side[:3]):  # no accumulation into .grad (as inside a model)
                         if leaf is not None:
                             leaf.grad = None
                     if args.pattern == "dense":
                         out = flash_attention(q, k, v, table)
+                    elif args.pattern == "transient-global":
+                        out = transient_global_attention(q, k, v, table, *side, **SPARSE_PARAMS["local"])
                     else:
                         out = sparse_attention(q, k, v, table, pattern=args.pattern, **SPARSE_PARAMS[args.pattern])
                     if backward:

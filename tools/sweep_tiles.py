@@ -20,7 +20,7 @@ import os
 
 import torch
 import triton
-from bench_attention import SPARSE_PARAMS, visible_scores  # tools/ is on the path when run as a script
+from bench_attention import SPARSE_PARAMS, tglobal_inputs, visible_scores  # tools/ is on the path when run as a script
 
 FWD_VARIANTS = [  # the default first (kernels/flash.py: _TILES)
     dict(T5CORE_TILE_FWD="128x64x8x3x128"),  # 2 blocks per SM: 119-126 registers, 80 KB (1 uncapped)
@@ -65,7 +65,7 @@ SIDE_FWD_VARIANTS = [dict(), *(dict(T5CORE_TILE_SIDE_FWD=t) for t in (
     "128x64x8x3x128", "128x64x8x2x128", "64x64x4x3", "64x64x4x2x128"))]
 SIDE_BWD_VARIANTS = [dict(), *(dict(T5CORE_TILE_SIDE_DQ=t) for t in (
     "64x32x4x3x128", "64x64x4x3x128", "128x64x8x3x128")), *(dict(T5CORE_TILE_SIDE_DKDV=t) for t in (
-    "32x128x4x3", "64x64x4x3x128", "64x128x8x3x128", "128x64x8x3x128"))]
+    "32x128x4x3", "32x128x4x2", "64x64x4x3x128", "64x128x8x3x128", "64x128x8x2", "128x64x8x3x128"))]
 DEFAULT_VARIANTS = [dict(), dict(table="bfloat16"), dict(buckets="none")]
 
 
@@ -88,11 +88,8 @@ def run(variant, L, mode, H=12, D=64, tokens=16384, pattern="dense"):
     side_leaves = []
     if pattern == "dense":
         fn = lambda: flash_attention(q, k, v, table, num_buckets=nb, max_distance=md)  # noqa: E731
-    elif pattern == "transient-global":  # the local window plus L // 16 side keys, as bench_attention.py
-        side_k, side_v = (torch.randn(B, H, L // 16, D, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
-                          for _ in range(2))
-        global_table = torch.randn(nb, H, device="cuda", requires_grad=grad)
-        block_ids = (torch.arange(L, device="cuda") // 16)[None]
+    elif pattern == "transient-global":  # the local window plus L // 16 side keys
+        side_k, side_v, global_table, block_ids = tglobal_inputs(L, H, D, torch.bfloat16, 16, grad, grad)
         side_leaves = [side_k, side_v, global_table]
         fn = lambda: transient_global_attention(  # noqa: E731
             q, k, v, table, side_k, side_v, global_table, block_ids,
