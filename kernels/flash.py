@@ -1011,6 +1011,8 @@ def _side_fwd_kernel(
     HAS_BIAS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One query tile's attention over the side keys, merged in place into the local window's
+    softmax that Out and LSE (base 2) hold: they leave as the softmax over both key sets."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b64 = (pid_bh // num_heads).to(tl.int64)

@@ -115,7 +115,7 @@ class Compiler:
 
 def exercise(dtypes=(torch.bfloat16, torch.float16, torch.float32), head_dims=(32, 64, 128)) -> None:
     """Run the host code of every mode once (CPU tensors; the launches are intercepted)."""
-    from t5core.kernels import decode, flash, fused
+    from t5core.kernels import decode, fused
     from t5core.kernels.ops import flash_attention, flash_attention_varlen, sparse_attention, transient_global_attention
 
     torch.manual_seed(0)
