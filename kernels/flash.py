@@ -1059,10 +1059,11 @@ def _side_fwd_kernel(
     merged = rmask & (block_id >= 0)
     o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     l_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + offs_m
-    lse_local = tl.load(l_ptrs, mask=merged, other=float("inf"))  # +inf: no local key (weight 0)
+    lse_local = tl.load(l_ptrs, mask=merged, other=float("inf"))
+    lse_local = tl.where(lse_local == float("inf"), float("-inf"), lse_local)  # no local key: weight 0
     out_local = tl.load(o_ptrs, mask=merged[:, None], other=0.0).to(tl.float32)
     m = tl.where(merged, tl.maximum(m_i, lse_local), 0.0)  # finite on merged rows (m_i is)
-    w_local = tl.math.exp2(tl.where(lse_local == float("inf"), float("-inf"), lse_local) - m)
+    w_local = tl.math.exp2(lse_local - m)
     w_side = tl.math.exp2(m_i - m)
     total = tl.where(merged, w_local + w_side * l_i, 1.0)
     out = (out_local * w_local[:, None] + acc * w_side[:, None]) / total[:, None]

@@ -12,6 +12,8 @@ The interpreter's tiles are small and unequal (forward 32x16, dq 32x16, dk/dv 16
 lengths give windows and blocks narrower and wider than a tile, blocks that are not tile
 multiples, and tiles that straddle the padding.
 """
+import math
+
 import pytest
 import torch
 
@@ -350,6 +352,48 @@ def test_far_rows_split_each_side_key_tile_exactly(num_buckets, max_distance, bl
             far_left = real & (block_ids[b] >= last + reach)
             assert torch.equal(far_right, real & (rows < before)), (b, t)
             assert torch.equal(far_left, real & (rows >= after)), (b, t)
+
+
+def test_side_forward_merges_into_the_local_softmax():
+    """side_forward against the two softmaxes merged in float64: random local (out, lse) with
+    some rows holding no local key (lse = +inf), padding rows (block -1) left as they were."""
+    from t5core.layers import relative_position_bucket
+    from t5core.sparse import global_block_ids
+
+    g = torch.Generator().manual_seed(5)
+    B, H, L, D, G, nb, md = 2, 2, 50, 16, 12, 8, 6
+    q = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    side_k, side_v = (torch.randn(B, H, G, D, generator=g, dtype=torch.float64) for _ in range(2))
+    table = torch.randn(nb, H, generator=g, dtype=torch.float64) * 2
+    valid = torch.arange(L)[None, :] < torch.tensor([L, 38])[:, None]  # orphans in both rows, padding in one
+    block_ids, _ = global_block_ids(valid, 4)
+    side_lengths = (block_ids.max(-1).values + 1).to(torch.int32)
+    out_local = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    lse_local = torch.randn(B, H, L, generator=g, dtype=torch.float64) * 3
+    lse_local[0, :, 5] = float("inf")  # no local key
+    out_local[0, :, 5] = 0.0
+    rel = torch.arange(G)[None, None, :] - block_ids.clamp_min(0)[:, :, None]  # [B, L, G]
+    bias = table[relative_position_bucket(rel, True, nb, md)].permute(0, 3, 1, 2)  # [B, H, L, G]
+    scores = q @ side_k.transpose(-1, -2) + bias
+    scores = scores.masked_fill(torch.arange(G)[None, None, None, :] >= side_lengths[:, None, None, None], -torch.inf)
+    side_lse = torch.logsumexp(scores, -1)
+    side_out = torch.softmax(scores, -1) @ side_v
+    local_nat = torch.where(torch.isinf(lse_local), -torch.inf, lse_local * math.log(2))  # +inf: no key
+    lse_nat = torch.logaddexp(local_nat, side_lse)
+    expected = (out_local * torch.exp(local_nat - lse_nat)[..., None]
+                + side_out * torch.exp(side_lse - lse_nat)[..., None])
+    expected_lse = lse_nat / math.log(2)
+    pad = (block_ids < 0)[:, None, :].expand(B, H, L)
+    expected[pad], expected_lse[pad] = out_local[pad], lse_local[pad]
+
+    out, lse = out_local.float().clone(), lse_local.float().clone()
+    lut = flash_mod.side_lut(table.float(), nb, md)
+    flash_mod.side_forward(q.float(), side_k.float(), side_v.float(), lut, block_ids, side_lengths, out, lse)
+    assert rel_err(out, expected) < FP32_TOL
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert rel_err(lse[finite], expected_lse[finite]) < FP32_TOL
+    assert torch.equal(out[pad], out_local.float()[pad])  # padding rows untouched
 
 
 def test_far_rows_reject_block_ids_with_holes():
