@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import AttentionMode
+
 Progress = Callable[[int, int], None]  # (steps done, max steps)
 
 
@@ -54,6 +56,7 @@ def generate(
     fast: bool | None = None,
     cuda_graphs: bool | None = None,
     decode_kernel: Literal["triton", "torch"] | None = None,
+    attention: str | AttentionMode | None = None,
 ) -> Tensor:  # [B, 1 + generated]
     """Generate ids for each input row.
 
@@ -63,7 +66,8 @@ def generate(
     fast: the shape-static decode step (None = for a model in eval mode); same tokens.
     cuda_graphs: capture the fast step as a CUDA graph (None = on CUDA); falls back to eager
     with a warning when asked for explicitly but impossible. decode_kernel: attention of the
-    fast step, "triton" (flash decoding; None = on CUDA) or "torch".
+    fast step, "triton" (flash decoding; None = on CUDA) or "torch". attention: the encoder's
+    mode for this call (None: the model's own; `T5.encode`).
     """
     config = model.config
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
@@ -73,7 +77,7 @@ def generate(
         raise GenerationError("beam sampling is not supported; use num_beams=1 with do_sample=True")
     if decode_kernel not in (None, "triton", "torch"):
         raise GenerationError(f"decode_kernel must be 'triton', 'torch' or None, got {decode_kernel!r}")
-    encoder_hidden = model.encode(input_ids, attention_mask)
+    encoder_hidden = model.encode(input_ids, attention_mask, attention=attention)
     mask = None if attention_mask is None else attention_mask.bool()
     on_cuda = input_ids.is_cuda
     if fast is None:

@@ -14,6 +14,7 @@ overflow to inf. bf16 needs neither (same exponent range as fp32).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,31 @@ class Stack(nn.Module):
                 config.num_buckets, config.max_distance, config.num_heads, bidirectional=True
             )
 
+    def call_mode(self, attention: str | AttentionMode | None) -> AttentionMode:
+        """The self-attention mode of one call: the stack's own (None) or `attention`.
+
+        Every mode computes from the same weights except `transient-global`, which needs the
+        layers' global norms and the global bias table: those exist only in a model loaded with
+        attention='transient-global' (which initialises them for a checkpoint without them).
+        """
+        if attention is None:
+            return self.mode
+        try:
+            mode = AttentionMode(attention)
+        except ValueError:
+            raise InputError(
+                f"attention={attention!r} is not a mode; choose one of "
+                f"{', '.join(repr(m.value) for m in AttentionMode)}, or None for the model's own "
+                f"({self.mode.value!r})"
+            ) from None
+        if mode is AttentionMode.TRANSIENT_GLOBAL and self.mode is not AttentionMode.TRANSIENT_GLOBAL:
+            raise InputError(
+                "attention='transient-global' needs the global norms and global bias table, which this model "
+                f"was loaded without (its mode is {self.mode.value!r}): load it with attention='transient-global' "
+                "(a checkpoint without those weights gets them initialised, with a warning)"
+            )
+        return mode
+
     def forward(
         self,
         x: Tensor,  # [B, L, d_model] embedded tokens
@@ -151,8 +177,10 @@ class Stack(nn.Module):
         encoder_hidden: Tensor | None = None,  # [B, Lenc, d_model], decoder without a cache
         encoder_mask: Tensor | None = None,  # [B, Lenc] bool
         cache: KVCache | None = None,
+        *,
+        mode: AttentionMode | None = None,  # this call's self-attention mode (`call_mode`); None: the stack's
     ) -> Tensor:
-        mode = self.mode
+        mode = self.mode if mode is None else mode
         x = self.dropout(x)
         q_len = x.shape[1]
         q_offset = cache.length if cache is not None else 0
@@ -162,7 +190,8 @@ class Stack(nn.Module):
         shared_bias = prepare_bias(mode, self.relative_bias, q_len, k_len, q_offset)
         layout = None
         if mode.is_sparse:
-            layout = make_layout(self.config, mask, x.shape[0], q_len, getattr(self, "global_bias", None))
+            config = self.config if mode is self.config.attention else dataclasses.replace(self.config, attention=mode)
+            layout = make_layout(config, mask, x.shape[0], q_len, getattr(self, "global_bias", None))
         for i, block in enumerate(self.blocks):
             bias = shared_bias if block.relative_bias is None else prepare_bias(
                 mode, block.relative_bias, q_len, k_len, q_offset
@@ -225,11 +254,14 @@ class T5(nn.Module):
     def head_is_tied(self) -> bool:
         return self.lm_head.weight is self.embed.weight
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """input_ids [B, L] -> encoder output [B, L, d_model]."""
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+               attention: str | AttentionMode | None = None) -> Tensor:
+        """input_ids [B, L] -> encoder output [B, L, d_model]. attention: the encoder's mode for
+        this call (None: the model's own, `config.attention`), with the model's sparse parameters."""
         check_ids(input_ids, self.config.vocab_size, "input_ids")
-        mask = _as_mask(attention_mask, input_ids, "attention_mask", self.config.attention)
-        return self.encoder(self.embed(input_ids), mask)
+        mode = self.encoder.call_mode(attention)
+        mask = _as_mask(attention_mask, input_ids, "attention_mask", mode)
+        return self.encoder(self.embed(input_ids), mask, mode=mode)
 
     def decode(
         self,
@@ -319,8 +351,11 @@ class T5(nn.Module):
         attention_mask: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        *,
+        attention: str | AttentionMode | None = None,
     ) -> Seq2SeqOutput:
-        """Teacher-forced forward. `labels` (-100 = ignore) give the loss and, shifted right, the decoder input."""
+        """Teacher-forced forward. `labels` (-100 = ignore) give the loss and, shifted right, the decoder input.
+        attention: the encoder's mode for this call, as in `encode`."""
         if decoder_input_ids is None:
             if labels is None:
                 raise InputError("forward needs decoder_input_ids or labels")
@@ -328,9 +363,10 @@ class T5(nn.Module):
         # Every check that reads values back to the host runs before the first kernel, so none
         # of them waits for the encoder.
         check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
-        if self.config.decoder_attention is not self.config.attention:
+        mode = self.encoder.call_mode(attention)
+        if self.config.decoder_attention is not mode:
             _check_right_padded(attention_mask, self.config.decoder_attention, "attention_mask")
-        encoder_hidden = self.encode(input_ids, attention_mask)
+        encoder_hidden = self.encode(input_ids, attention_mask, attention=mode)
         logits = self._decode(decoder_input_ids, encoder_hidden, attention_mask, None)
         loss = None
         if labels is not None:
@@ -359,11 +395,14 @@ class T5Encoder(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Stack(config, is_decoder=False)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """input_ids [B, L] -> hidden states [B, L, d_model]."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                attention: str | AttentionMode | None = None) -> Tensor:
+        """input_ids [B, L] -> hidden states [B, L, d_model]. attention: this call's mode (None: the
+        model's own), as in `T5.encode`."""
         check_ids(input_ids, self.config.vocab_size, "input_ids")
-        mask = _as_mask(attention_mask, input_ids, "attention_mask", self.config.attention)
-        return self.encoder(self.embed(input_ids), mask)
+        mode = self.encoder.call_mode(attention)
+        mask = _as_mask(attention_mask, input_ids, "attention_mask", mode)
+        return self.encoder(self.embed(input_ids), mask, mode=mode)
 
     encode = forward
 

@@ -77,6 +77,27 @@ def test_flash_runs_131072_tokens_flan_t5_base_shape():
     assert logits.shape == (1, 128, 32128) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("mode", ["local", "block"])
+def test_a_sparse_mode_chosen_per_call_runs_its_kernels(checkpoint_dir, mode):
+    """A flash model asked for a sparse mode per call gives what a model loaded in it gives
+    (bf16: the sparse kernels both times), and its own mode's output otherwise."""
+    folder, reference = checkpoint_dir("t5-v1_1")
+    params = dict(local_radius=31, block_size=64, num_global=4)
+    model = load_checkpoint(folder, dtype=torch.bfloat16, device="cuda", attention="flash", **params)
+    loaded = load_checkpoint(folder, dtype=torch.bfloat16, device="cuda", attention=mode, **params)
+    ids, mask = random_batch(reference.config.vocab_size, [1500, 700, 33], seed=8)
+    ids, mask = ids.cuda(), mask.cuda()
+    valid = mask.bool()
+    with torch.no_grad():
+        per_call = model.encode(ids, mask, attention=mode)
+        expected = loaded.encode(ids, mask)
+        own = model.encode(ids, mask)
+    assert torch.equal(per_call[valid], expected[valid])
+    assert relative_error(own[valid].float(), expected[valid].float()) > 1e-2
+    assert (model.generate(ids, mask, max_new_tokens=8, attention=mode).tolist()
+            == loaded.generate(ids, mask, max_new_tokens=8).tolist())
+
+
 @pytest.mark.parametrize("name", ["longt5-local", "longt5-tglobal"])
 def test_longt5_on_the_gpu_matches_the_reference(checkpoint_dir, name):
     """LongT5 checkpoints on CUDA run the sparse kernels (local; transient-global's local + side

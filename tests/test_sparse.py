@@ -16,6 +16,7 @@ from conftest import random_batch, relative_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from t5core.config import AttentionMode, ConfigError, T5Config
+from t5core.model import InputError
 from t5core import sparse as sparse_module
 from t5core.layers import RelativeBias, relative_position_bucket
 from t5core.sparse import (
@@ -234,6 +235,57 @@ def test_sparse_mode_is_selectable_on_a_plain_t5_checkpoint(checkpoint_dir, atte
     sparse = _encode(load_checkpoint(folder, attention=attention, **narrow), ids, mask)
     assert relative_error(sparse[valid], dense[valid]) > 1e-3
     assert model.generate(ids, mask, max_new_tokens=3).shape == (3, 4)
+
+
+PARAMS = dict(local_radius=3, block_size=8, num_global=2)  # narrow: each mode differs from dense
+
+
+@pytest.mark.parametrize("mode", ["local", "block", "flash", "basic"])
+def test_the_encoder_mode_can_be_chosen_per_call(checkpoint_dir, mode):
+    """encode / forward / generate(attention=mode) on a model loaded in another mode give what a
+    model loaded in `mode` gives (with the model's sparse parameters), and leave its own mode."""
+    folder, reference = checkpoint_dir("t5-v1_1")
+    ids, mask = random_batch(reference.config.vocab_size, [40, 23, 7], seed=3)
+    decoder_ids, _ = random_batch(reference.config.vocab_size, [6, 6, 6], seed=4)
+    valid = mask.bool()
+    own_mode = "flash" if mode == "basic" else "basic"
+    model = load_checkpoint(folder, attention=own_mode, **PARAMS)
+    loaded = load_checkpoint(folder, attention=mode, **PARAMS)
+    with torch.no_grad():
+        per_call = model.encode(ids, mask, attention=mode)
+        expected = loaded.encode(ids, mask)
+        own = model.encode(ids, mask)
+        logits = model(ids, mask, decoder_input_ids=decoder_ids, attention=mode).logits
+        expected_logits = loaded(ids, mask, decoder_input_ids=decoder_ids).logits
+    assert relative_error(per_call[valid], expected[valid]) <= 1e-6
+    if mode in ("local", "block"):  # the call ran the sparse mode, not the model's dense one
+        assert relative_error(own[valid], expected[valid]) > 1e-3
+    assert relative_error(logits, expected_logits) <= 1e-5  # the decoders' dense modes may differ
+    assert (model.generate(ids, mask, max_new_tokens=4, attention=mode).tolist()
+            == loaded.generate(ids, mask, max_new_tokens=4).tolist())
+    assert model.config.attention is AttentionMode(own_mode) and model.encoder.mode is AttentionMode(own_mode)
+    encoder = load_checkpoint(folder, attention=own_mode, encoder_only=True, **PARAMS)
+    with torch.no_grad():
+        assert relative_error(encoder(ids, mask, attention=mode)[valid], expected[valid]) <= 1e-6
+
+
+def test_a_per_call_mode_is_checked(checkpoint_dir):
+    folder, reference = checkpoint_dir("t5-v1_1")
+    ids, mask = random_batch(reference.config.vocab_size, [9, 5], seed=5)
+    model = load_checkpoint(folder)  # basic on the CPU: takes any mask
+    with pytest.raises(InputError, match="not a mode; choose one of 'basic', 'flash', 'local'"):
+        model.encode(ids, mask, attention="sliding")
+    with pytest.raises(InputError, match="load it with attention='transient-global'"):
+        model.encode(ids, mask, attention="transient-global")
+    left_padded = mask.flip(-1)
+    model.encode(ids, left_padded)  # its own mode reads any mask
+    with pytest.raises(InputError, match="not right-padded.*attention='local'"):
+        model.encode(ids, left_padded, attention="local")
+    with pytest.warns(InitialisedWeightsWarning):
+        tglobal = load_checkpoint(folder, attention="transient-global", local_radius=3, global_block_size=4)
+    local = load_checkpoint(folder, attention="local", local_radius=3)
+    with torch.no_grad():  # a transient-global model runs `local` without its side tokens
+        assert torch.equal(tglobal.encode(ids, mask, attention="local"), local.encode(ids, mask))
 
 
 def test_transient_global_on_a_plain_t5_checkpoint_warns_once_and_runs(checkpoint_dir, tmp_path):
