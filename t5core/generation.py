@@ -77,7 +77,9 @@ def generate(
         raise GenerationError("beam sampling is not supported; use num_beams=1 with do_sample=True")
     if decode_kernel not in (None, "triton", "torch"):
         raise GenerationError(f"decode_kernel must be 'triton', 'torch' or None, got {decode_kernel!r}")
-    encoder_hidden = model.encode(input_ids, attention_mask, attention=attention)
+    # The encoder's own graphs follow cuda_graphs=False; otherwise its default (short inputs).
+    encoder_hidden = model.encode(input_ids, attention_mask, attention=attention,
+                                  cuda_graph=False if cuda_graphs is False else None)
     mask = None if attention_mask is None else attention_mask.bool()
     on_cuda = input_ids.is_cuda
     if fast is None:

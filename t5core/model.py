@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .attention import BiasArg, attend, prepare_bias
 from .cache import KVCache, StaticKVCache
 from .config import AttentionMode, T5Config
+from .encoder_graph import EncoderGraphs, weights_key
 from .layers import FeedForward, RelativeBias, RMSNorm
 from .sparse import SparseLayout, global_aggregates, make_layout
 
@@ -245,6 +246,7 @@ class T5(nn.Module):
         self.encoder = Stack(config, is_decoder=False)
         self.decoder = Stack(config, is_decoder=True)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.encoder_graphs = EncoderGraphs()  # captured encoder forwards (inference on CUDA)
 
     def tie_head(self) -> None:
         """Use the embedding as the output head (checkpoints without `lm_head.weight`)."""
@@ -255,13 +257,15 @@ class T5(nn.Module):
         return self.lm_head.weight is self.embed.weight
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-               attention: str | AttentionMode | None = None) -> Tensor:
+               attention: str | AttentionMode | None = None, cuda_graph: bool | None = None) -> Tensor:
         """input_ids [B, L] -> encoder output [B, L, d_model]. attention: the encoder's mode for
-        this call (None: the model's own, `config.attention`), with the model's sparse parameters."""
+        this call (None: the model's own, `config.attention`), with the model's sparse parameters.
+        cuda_graph: replay the forward from a CUDA graph (t5core/encoder_graph.py; None: for
+        inference on CUDA up to GRAPH_MAX_TOKENS tokens, True: any size, False: never)."""
         check_ids(input_ids, self.config.vocab_size, "input_ids")
         mode = self.encoder.call_mode(attention)
         mask = _as_mask(attention_mask, input_ids, "attention_mask", mode)
-        return self.encoder(self.embed(input_ids), mask, mode=mode)
+        return _run_encoder(self, input_ids, mask, mode, cuda_graph)
 
     def decode(
         self,
@@ -394,17 +398,29 @@ class T5Encoder(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Stack(config, is_decoder=False)
+        self.encoder_graphs = EncoderGraphs()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                attention: str | AttentionMode | None = None) -> Tensor:
-        """input_ids [B, L] -> hidden states [B, L, d_model]. attention: this call's mode (None: the
-        model's own), as in `T5.encode`."""
+                attention: str | AttentionMode | None = None, cuda_graph: bool | None = None) -> Tensor:
+        """input_ids [B, L] -> hidden states [B, L, d_model]. attention, cuda_graph: as in `T5.encode`."""
         check_ids(input_ids, self.config.vocab_size, "input_ids")
         mode = self.encoder.call_mode(attention)
         mask = _as_mask(attention_mask, input_ids, "attention_mask", mode)
-        return self.encoder(self.embed(input_ids), mask, mode=mode)
+        return _run_encoder(self, input_ids, mask, mode, cuda_graph)
 
     encode = forward
+
+
+def _run_encoder(model: T5 | T5Encoder, ids: Tensor, mask: Tensor | None, mode: AttentionMode,
+                 cuda_graph: bool | None) -> Tensor:
+    """The encoder stack over checked ids: replayed from a CUDA graph where one serves, else eager."""
+    def run(ids: Tensor, mask: Tensor | None) -> Tensor:
+        return model.encoder(model.embed(ids), mask, mode=mode)
+
+    graphs = model.encoder_graphs
+    if not graphs.usable(ids, model, cuda_graph):
+        return run(ids, mask)
+    return graphs.encode(run, ids, mask, (mode, model.embed.weight.dtype, ids.device), weights_key(model))
 
 
 def check_ids(ids: Tensor, vocab_size: int, name: str) -> None:

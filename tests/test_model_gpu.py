@@ -98,6 +98,41 @@ def test_a_sparse_mode_chosen_per_call_runs_its_kernels(checkpoint_dir, mode):
             == loaded.generate(ids, mask, max_new_tokens=8).tolist())
 
 
+@pytest.mark.filterwarnings("ignore:the checkpoint has no transient-global weights")
+@pytest.mark.parametrize("mode,params", [
+    ("flash", {}),
+    ("local", dict(local_radius=31)),
+    ("block", dict(block_size=64, num_global=4)),
+    ("transient-global", dict(local_radius=31, global_block_size=8)),
+])
+def test_encoder_graph_replays_equal_eager_encodes(checkpoint_dir, mode, params):
+    """float32: the first call of a shape runs eagerly (padded), the second captures, the
+    third replays with other inputs of the same padded length; each equals the eager,
+    unpadded encode. A model whose storage moved recaptures; training never uses a graph."""
+    folder, reference = checkpoint_dir("t5-v1_1")
+    model = load_checkpoint(folder, device="cuda", attention=mode, **params)
+    graphs = model.encoder_graphs
+    vocab = reference.config.vocab_size
+    batches = [random_batch(vocab, lengths, seed=20 + i) for i, lengths in
+               enumerate([[700, 333, 45], [690, 700, 1], [700, 512, 300], [650, 2, 700]])]
+    with torch.no_grad():
+        for i, (ids, mask) in enumerate(batches):  # 700 and 690 tokens: one graph of 704
+            ids, mask = ids.cuda(), mask.cuda()
+            if i == 3:
+                model.cpu().cuda()  # new storage: the graph must not replay the old addresses
+            actual = model.encode(ids, mask)
+            expected = model.encode(ids, mask, cuda_graph=False)
+            valid = mask.bool()
+            assert relative_error(actual[valid], expected[valid]) <= 1e-5, i
+            assert actual.shape == expected.shape
+        assert len(graphs.graphs) == 1 and graphs.replays == 3 and graphs.disabled is None
+        tokens = model.generate(ids, mask, max_new_tokens=6)
+        assert tokens.tolist() == model.generate(ids, mask, max_new_tokens=6, cuda_graphs=False).tolist()
+    model.train()
+    model(ids, mask, labels=ids[:, :4]).loss.backward()  # training: eager, no new shape seen
+    assert graphs.replays == 3 + 1 and len(graphs.seen) == 1  # + the first generate's encode
+
+
 @pytest.mark.parametrize("name", ["longt5-local", "longt5-tglobal"])
 def test_longt5_on_the_gpu_matches_the_reference(checkpoint_dir, name):
     """LongT5 checkpoints on CUDA run the sparse kernels (local; transient-global's local + side

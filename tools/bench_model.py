@@ -14,6 +14,9 @@ Writes JSON under bench/results/ (and $OUT) and prints a table last.
 (default 4k, 32k, 128k, 1,048,576 tokens) with its peak memory; local r=127, block S=512 n=16,
 transient-global r=127 / global blocks of 16 (the config defaults). Runs of 128k tokens and
 more are timed once (a dense 1M-token encoder takes minutes), after warm-up at shorter lengths.
+Up to GRAPH_MAX_TOKENS the encoder replays a CUDA graph by default (t5core/encoder_graph.py);
+up to 32k tokens each mode is also timed with cuda_graph=True ("<mode> graph") and False
+("<mode> eager"), in the same run.
 """
 
 from __future__ import annotations
@@ -199,8 +202,10 @@ def encoder_modes_main(args) -> int:
         row = {"length": length, "batch": 1}
         with torch.inference_mode():
             for mode, model in models.items():
-                run = lambda: model.encode(ids, mask)  # noqa: E731
-                row[mode] = measure(run, once=length >= 131072)
+                row[mode] = measure(lambda: model.encode(ids, mask), once=length >= 131072)
+                if length <= 32768:  # the same call with and without a graph, whatever the default
+                    for name, graph in (("graph", True), ("eager", False)):
+                        row[f"{mode} {name}"] = measure(lambda: model.encode(ids, mask, cuda_graph=graph))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -215,9 +220,10 @@ def encoder_modes_main(args) -> int:
     def cell(result: dict) -> str:
         return f"{result['ms']:.1f} ms {result['peak_gb']:.1f} GB" if "ms" in result else result["error"][:22]
 
-    print(f"\nencoder forward, batch 1, bf16: ms and peak GB\n{'L':>9} | " + " | ".join(f"{m:>22}" for m in modes))
+    columns = [c for m in modes for c in (m, f"{m} graph", f"{m} eager") if any(c in row for row in rows)]
+    print(f"\nencoder forward, batch 1, bf16: ms and peak GB\n{'L':>9} | " + " | ".join(f"{c:>22}" for c in columns))
     for row in rows:
-        print(f"{row['length']:>9} | " + " | ".join(f"{cell(row[m]):>22}" for m in modes))
+        print(f"{row['length']:>9} | " + " | ".join(f"{cell(row.get(c, {'error': '-'})):>22}" for c in columns))
     print("t(1M)/t(128k): " + ", ".join(f"{m}={r:.2f}" if r else f"{m}=n/a" for m, r in record["ratios"].items()))
     return 0
 

@@ -84,7 +84,8 @@ for s in ${STEPS:-tests attention model generate}; do
     sparse_attention) step bench_sparse_attention ${T_SPARSE_ATTENTION:-360} python3 tools/bench_attention.py \
              --sparse --out "$OUT/sparse-attention.json" ;;
     encoder_modes) step bench_encoder_modes ${T_ENCODER_MODES:-560} python3 tools/bench_model.py \
-             --encoder-modes ${ENCODER_MODES:-flash,local,block,transient-global} --out "$OUT" ;;
+             --encoder-modes ${ENCODER_MODES:-flash,local,block,transient-global} --out "$OUT" \
+             ${ENCODER_LENGTHS:+--encoder-lengths $ENCODER_LENGTHS} ;;
     tune) step sweep_tiles ${T_TUNE:-200} python3 tools/sweep_tiles.py --json "$OUT/sweep.json" --pick "$OUT/tiles.env"
           if [ -s "$OUT/tiles.env" ]; then source "$OUT/tiles.env"; cat "$OUT/tiles.env" | tee -a "$OUT/env.txt"; fi ;;
     tune_sparse) for pattern in local block; do step "sweep_$pattern" ${T_TUNE:-200} python3 tools/sweep_tiles.py \
