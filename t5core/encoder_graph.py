@@ -17,12 +17,16 @@ of GPU work in 7-28 ms, by mode). A captured graph replays all of them in one la
   most `MAX_GRAPHS` graphs are kept per model (least recently used dropped); `clear()` frees them.
 - **Weights.** A graph reads the parameters at the addresses it was captured with. A model
   moved or cast since (new storage) gets a new capture, never a replay of freed memory.
+- **Threads and streams.** One lock per model around capture and replay; a replay's stream
+  first waits for the previous replay of that graph (its output copied out), so calls from
+  several threads or streams never overwrite a graph's buffers while another reads them.
 - Where capture fails (an op that cannot be captured), a warning says why and the model
-  encodes eagerly from then on.
+  encodes eagerly from then on. Under `torch.compile` the encoder runs as traced (no graph here).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import OrderedDict
 from typing import Callable, NamedTuple
@@ -48,6 +52,7 @@ class _Graph(NamedTuple):
     mask: Tensor  # [B, Lp] bool
     out: Tensor  # [B, Lp, d_model] static output
     weights: tuple[int, ...]  # parameter addresses at capture
+    done: list  # [the event after the last replay's output copy, or None]
 
 
 class EncoderGraphs:
@@ -58,6 +63,7 @@ class EncoderGraphs:
         self.seen: OrderedDict[tuple, None] = OrderedDict()
         self.disabled: str | None = None  # why capture failed, if it did
         self.replays = 0
+        self.lock = threading.Lock()
 
     def clear(self) -> None:
         """Drop every graph (and its memory pool)."""
@@ -66,7 +72,7 @@ class EncoderGraphs:
 
     def usable(self, ids: Tensor, model: nn.Module, cuda_graph: bool | None) -> bool:
         """Whether this call goes through `encode` (else the caller runs the encoder eagerly)."""
-        if cuda_graph is False or self.disabled is not None or not ids.is_cuda:
+        if cuda_graph is False or self.disabled is not None or not ids.is_cuda or torch.compiler.is_compiling():
             return False
         if model.training or torch.is_grad_enabled():
             return False
@@ -78,38 +84,45 @@ class EncoderGraphs:
         the real length, [B, L, d_model], in a tensor of their own."""
         batch, length = ids.shape
         key = (batch, padded_length(length), *key)
-        entry = self.graphs.get(key)
-        if entry is not None and entry.weights != weights:  # the model's storage moved: recapture
-            del self.graphs[key]
-            entry = None
-        if entry is None and key in self.seen:
-            entry = self._capture(run, key, ids, weights)
-        if entry is None:  # first sighting: eager, padded (compiles what a capture will need)
-            self.seen[key] = None
-            while len(self.seen) > _MAX_SEEN:
-                self.seen.popitem(last=False)
-            padded_ids, padded_mask = _padded(ids, mask, key[1])
-            return run(padded_ids, padded_mask)[:, :length].contiguous()
-        self.graphs.move_to_end(key)
-        _fill(entry.ids, entry.mask, ids, mask)
-        entry.graph.replay()
-        self.replays += 1
-        return entry.out[:, :length].clone()
+        with self.lock:
+            entry = self.graphs.get(key)
+            if entry is not None and entry.weights != weights:  # the model's storage moved: all stale
+                self.graphs.clear()
+                entry = None
+            if entry is None and key in self.seen:
+                entry = self._capture(run, key, ids, weights)
+            if entry is None:  # first sighting: eager, padded (compiles what a capture will need)
+                self.seen[key] = None
+                while len(self.seen) > _MAX_SEEN:
+                    self.seen.popitem(last=False)
+            else:
+                self.graphs.move_to_end(key)
+                stream = torch.cuda.current_stream(ids.device)
+                if entry.done[0] is not None:  # the last replay's output is copied out before we write
+                    stream.wait_event(entry.done[0])
+                _fill(entry.ids, entry.mask, ids, mask)
+                entry.graph.replay()
+                out = entry.out[:, :length].clone()
+                entry.done[0] = stream.record_event()
+                self.replays += 1
+                return out
+        padded_ids, padded_mask = _padded(ids, mask, key[1])
+        return run(padded_ids, padded_mask)[:, :length].contiguous()
 
     def _capture(self, run, key: tuple, ids: Tensor, weights: tuple[int, ...]) -> _Graph | None:
         batch, padded = key[0], key[1]
         static_ids = torch.zeros(batch, padded, dtype=ids.dtype, device=ids.device)
         static_mask = torch.zeros(batch, padded, dtype=torch.bool, device=ids.device)
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
+        try:  # thread_local: other threads may keep working on the GPU meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = run(static_ids, static_mask)
         except Exception as err:  # noqa: BLE001 - any capture failure means: encode eagerly
             self.disabled = f"{type(err).__name__}: {err}"
             warnings.warn(f"CUDA graph capture of the encoder failed ({self.disabled}); encoding eagerly",
                           stacklevel=4)
             return None
-        entry = _Graph(graph, static_ids, static_mask, out, weights)
+        entry = _Graph(graph, static_ids, static_mask, out, weights, [None])
         self.graphs[key] = entry
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)

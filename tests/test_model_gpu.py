@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from conftest import random_batch, relative_error
@@ -131,6 +133,39 @@ def test_encoder_graph_replays_equal_eager_encodes(checkpoint_dir, mode, params)
     model.train()
     model(ids, mask, labels=ids[:, :4]).loss.backward()  # training: eager, no new shape seen
     assert graphs.replays == 3 + 1 and len(graphs.seen) == 1  # + the first generate's encode
+
+
+def test_encoder_graph_replays_from_two_threads_on_two_streams(checkpoint_dir):
+    """Two threads, each on its own stream, replay one graph with different inputs: every
+    result equals the eager encode of its own input (no replay overwrites another's buffers)."""
+    folder, reference = checkpoint_dir("t5-v1_1")
+    model = load_checkpoint(folder, device="cuda")  # flash
+    inputs = [tuple(t.cuda() for t in random_batch(reference.config.vocab_size, [300, 290 - 7 * i], seed=30 + i))
+              for i in range(6)]  # all padded to 320 tokens: one graph
+    with torch.no_grad():
+        expected = [model.encode(ids, mask, cuda_graph=False) for ids, mask in inputs]
+        for _ in range(2):  # first sighting, then the capture
+            model.encode(*inputs[0])
+    torch.cuda.synchronize()
+    results = []
+
+    def work(first: int) -> None:
+        stream = torch.cuda.Stream()
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for r in range(24):
+                i = (first + r) % len(inputs)
+                results.append((i, model.encode(*inputs[i])))
+        stream.synchronize()
+
+    threads = [threading.Thread(target=work, args=(first,)) for first in (0, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 48 and model.encoder_graphs.replays >= 48
+    for i, out in results:
+        valid = inputs[i][1].bool()
+        assert relative_error(out[valid], expected[i][valid]) <= 1e-5, i
 
 
 @pytest.mark.parametrize("name", ["longt5-local", "longt5-tglobal"])
