@@ -65,7 +65,8 @@ def generate(
 
     fast: the shape-static decode step (None = for a model in eval mode); same tokens.
     cuda_graphs: capture the fast step as a CUDA graph (None = on CUDA); falls back to eager
-    with a warning when asked for explicitly but impossible. decode_kernel: attention of the
+    with a warning when asked for explicitly but impossible; False also keeps the encoder off
+    its graphs (`T5.encode`'s cuda_graph). decode_kernel: attention of the
     fast step, "triton" (flash decoding; None = on CUDA) or "torch". attention: the encoder's
     mode for this call (None: the model's own; `T5.encode`).
     """
