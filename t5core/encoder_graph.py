@@ -14,7 +14,8 @@ of GPU work in 7-28 ms, by mode). A captured graph replays all of them in one la
   runs eagerly (padded, so it compiles the kernels the capture needs); the second captures;
   later ones replay. A one-off shape never pays for a capture.
 - **Memory.** Each graph keeps its own pool: the activations of one forward at its shape. At
-  most `MAX_GRAPHS` graphs are kept per model (least recently used dropped); `clear()` frees them.
+  most `MAX_GRAPHS` graphs are kept per model (least recently used dropped, once its last
+  replay is done: its pool may be reused at once); `clear()` frees them.
 - **Weights.** A graph reads the parameters at the addresses it was captured with. A model
   moved or cast since (new storage) gets a new capture, never a replay of freed memory.
 - **Threads and streams.** One lock per model around capture and replay; a replay's stream
@@ -67,8 +68,17 @@ class EncoderGraphs:
 
     def clear(self) -> None:
         """Drop every graph (and its memory pool)."""
-        self.graphs.clear()
-        self.seen.clear()
+        with self.lock:
+            self._drop_graphs()
+            self.seen.clear()
+
+    def _drop_graphs(self, keep: int = 0) -> None:
+        """Drop the least recently used graphs until `keep` are left, each once its last replay is
+        done (its pool may be reused at once, by any stream)."""
+        while len(self.graphs) > keep:
+            _, entry = self.graphs.popitem(last=False)
+            if entry.done[0] is not None:
+                entry.done[0].synchronize()
 
     def usable(self, ids: Tensor, model: nn.Module, cuda_graph: bool | None) -> bool:
         """Whether this call goes through `encode` (else the caller runs the encoder eagerly)."""
@@ -87,7 +97,7 @@ class EncoderGraphs:
         with self.lock:
             entry = self.graphs.get(key)
             if entry is not None and entry.weights != weights:  # the model's storage moved: all stale
-                self.graphs.clear()
+                self._drop_graphs()
                 entry = None
             if entry is None and key in self.seen:
                 entry = self._capture(run, key, ids, weights)
@@ -124,8 +134,7 @@ class EncoderGraphs:
             return None
         entry = _Graph(graph, static_ids, static_mask, out, weights, [None])
         self.graphs[key] = entry
-        while len(self.graphs) > MAX_GRAPHS:
-            self.graphs.popitem(last=False)
+        self._drop_graphs(keep=MAX_GRAPHS)
         return entry
 
 

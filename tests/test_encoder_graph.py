@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import random_batch, relative_error
 
-from t5core.encoder_graph import EncoderGraphs, padded_length
+from t5core.encoder_graph import MAX_GRAPHS, EncoderGraphs, _Graph, padded_length
 from t5core.weights import load_checkpoint
 
 
@@ -64,3 +64,24 @@ def test_graphs_are_not_used_off_cuda_or_with_gradients(checkpoint_dir):
         assert not model.encoder_graphs.usable(ids, model, True)  # CPU tensors: never
         model.encode(ids, mask, cuda_graph=True)
     assert not model.encoder_graphs.seen  # the CPU call ran eagerly, unpadded
+
+
+def test_graphs_are_dropped_least_recently_used_once_their_last_replay_is_done():
+    """The LRU bound, and each dropped graph's last replay waited for (its pool is reused at once)."""
+
+    class Done:  # stands for the CUDA event recorded after a replay's output copy
+        waited = False
+
+        def synchronize(self) -> None:
+            self.waited = True
+
+    graphs = EncoderGraphs()
+    events = [Done() for _ in range(MAX_GRAPHS + 2)]
+    for i, event in enumerate(events):
+        graphs.graphs[i] = _Graph(None, None, None, None, (), [event])
+        graphs._drop_graphs(keep=MAX_GRAPHS)
+    assert list(graphs.graphs) == list(range(2, MAX_GRAPHS + 2))
+    assert [event.waited for event in events] == [True, True] + [False] * MAX_GRAPHS
+    graphs.graphs[MAX_GRAPHS + 2] = _Graph(None, None, None, None, (), [None])  # never replayed
+    graphs.clear()
+    assert not graphs.graphs and not graphs.seen and all(event.waited for event in events)
