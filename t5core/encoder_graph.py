@@ -1,6 +1,6 @@
 """CUDA graphs of the encoder forward, for inference on short inputs.
 
-Below ~32k tokens an encoder forward is bound by the host, not the GPU: ~200 kernel launches
+Below ~16k tokens an encoder forward is bound by the host, not the GPU: ~200 kernel launches
 and the Python around them (BENCHMARKS.md: a flan-t5-base-shaped encoder at 1 x 4k does 2-3 ms
 of GPU work in 7-28 ms, by mode). A captured graph replays all of them in one launch.
 
