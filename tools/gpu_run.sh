@@ -101,7 +101,7 @@ for s in ${STEPS:-tests attention model generate}; do
         step sparse_this ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-this.json" $sparse_args
         in_candidates sparse ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-NAME.json" \
                  $sparse_args ;;
-    floor) step local_floor ${T_FLOOR:-120} python3 tools/local_floor.py --out "$OUT/floor.json" ;;
+    floor) step local_floor ${T_FLOOR:-120} python3 tools/local_floor.py --out "$OUT/floor.json" ${FLOOR_ARGS:-} ;;
     ab_pytest) in_candidates pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR \
                  ${PYTEST_ARGS:-tests} ;;
     pytest) step pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR ${PYTEST_ARGS:-tests} ;;

@@ -11,7 +11,13 @@ and dense `flash` at the same length for the "per visible score" ratio of the is
 scores per second against dense's). The floors bound that ratio for the schedule: no softmax or
 bias work makes a tile cheaper than `dots`.
 
-    python tools/local_floor.py [--length 131072] [--out floor.json]
+    python tools/local_floor.py [--length 131072] [--radii 127,511,2047] [--out floor.json]
+
+--radii also times the `local` forward and the `dots` floor at wider windows: a window of r has
+about (2r + 64) / 64 + 1 key tiles per query tile, so the cost per tile against the window's
+length separates what a tile costs from what a query tile's program costs once (its q load,
+pipeline fill and drain, output store). Printed as SM-cycles per 64 x 64 tile (time x SMs x
+clock / tiles), with dense `flash`'s (2048 tiles per query tile at 128k) for scale.
 """
 from __future__ import annotations
 
@@ -51,14 +57,14 @@ def _window_kernel(Q, K, V, Out, seqlen, RADIUS: tl.constexpr, DOTS: tl.constexp
     tl.store(Out + base + rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty))
 
 
-def window_floor(q, k, v, dots: bool, stages: int) -> float:
+def window_floor(q, k, v, dots: bool, stages: int, radius: int = 127) -> float:
     """Median ms of `_window_kernel` over [B*H, L, D] tensors."""
     bh, length, dim = q.shape
     out = torch.empty_like(q)
     grid = (length // 64, bh)
 
     def launch():
-        _window_kernel[grid](q, k, v, out, length, RADIUS=127, DOTS=dots, BLOCK=64, HEAD_DIM=dim, num_warps=4,
+        _window_kernel[grid](q, k, v, out, length, RADIUS=radius, DOTS=dots, BLOCK=64, HEAD_DIM=dim, num_warps=4,
                              num_stages=stages)
     return triton.testing.do_bench(launch, warmup=25, rep=200)
 
@@ -67,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--radii", default="", help="comma-separated windows to time beside 127")
+    parser.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock for the cycle figures (H200: 1.98)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -101,10 +109,34 @@ def main() -> None:
     moved = heads * (2 * length * dim * 2 + length // 64 * 5 * 2 * 64 * dim * 2)  # q, out once; K, V per tile
     print(f"bytes through L2 (q, out, 5 K and V tiles per query tile): {moved / 1e9:.2f} GB; "
           f"loads floor at {moved / times['loads (2 stages)'] / 1e9:.2f} TB/s")
+    props = torch.cuda.get_device_properties(0)
+    clock_ghz = args.clock_ghz
+
+    def cycles_per_tile(ms: float, tiles: int) -> float:
+        return ms * 1e6 * props.multi_processor_count * clock_ghz / tiles
+
+    dense_tiles = heads * (length // 64) ** 2
+    print(f"SM-cycles per 64 x 64 tile at {clock_ghz} GHz ({props.multi_processor_count} SMs): "
+          f"dense flash {cycles_per_tile(dense_ms, dense_tiles):.0f}")
+    per_radius = {}
+    for r in (int(x) for x in args.radii.split(",") if x):
+        tiles = heads * sum(len(range(max(m0 - r, 0) // 64 * 64, min(m0 + 64 + r, length), 64))
+                            for m0 in range(0, length, 64))
+        local_ms = triton.testing.do_bench(lambda: sparse_attention(q, k, v, table, pattern="local",
+                                                                    local_radius=r), warmup=25, rep=200)
+        dots_ms = window_floor(*flat, dots=True, stages=2, radius=r)
+        per_radius[r] = {"tiles": tiles, "local_ms": local_ms, "dots_ms": dots_ms,
+                         "local_cycles_per_tile": cycles_per_tile(local_ms, tiles),
+                         "dots_cycles_per_tile": cycles_per_tile(dots_ms, tiles)}
+        print(f"radius {r:5d}: {tiles / heads / (length // 64):5.1f} key tiles per query tile; local "
+              f"{local_ms:7.3f} ms, {per_radius[r]['local_cycles_per_tile']:5.0f} cycles per tile; dots floor "
+              f"{dots_ms:7.3f} ms, {per_radius[r]['dots_cycles_per_tile']:5.0f}")
     if args.out:
         args.out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
                                         "length": length, "heads": heads, "visible": visible, "dense_ms": dense_ms,
-                                        "rows": rows}, indent=1))
+                                        "rows": rows, "clock_ghz": clock_ghz,
+                                        "dense_cycles_per_tile": cycles_per_tile(dense_ms, dense_tiles),
+                                        "per_radius": per_radius}, indent=1))
 
 
 if __name__ == "__main__":
