@@ -103,6 +103,11 @@ class Compiler:
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                       target=self.target, options=options.__dict__)
             regs, spills = self.resources(compiled.asm["ptx"])
+            if os.environ.get("COMPILE_CHECK_DUMP"):  # a folder: each variant's TTGIR and PTX, for reading
+                stem = Path(os.environ["COMPILE_CHECK_DUMP"]) / f"{fn.__name__}-{hashlib.sha1(str(key).encode()).hexdigest()[:6]}"
+                stem.parent.mkdir(parents=True, exist_ok=True)
+                for kind in ("ttgir", "ptx"):
+                    stem.with_suffix(f".{kind}").write_text(compiled.asm[kind])
             smem = compiled.metadata.shared
             blocks = self.occupancy(regs, smem, options.num_warps)
             self.seen[key] = f"ok   regs {regs or '?':>3} spill {spills:>4} smem {smem:6d} blocks/SM {blocks}"
