@@ -361,9 +361,13 @@ def _fwd_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
+    t0 = m0  # the first row the tile's key ranges are for
     if PATTERN == BLOCK:
-        if m0 < NUM_GLOBAL:  # a tile of global rows: _global_rows_fwd_kernel
+        if m0 + BLOCK_M <= NUM_GLOBAL:  # global rows only: _global_rows_fwd_kernel
             return
+        # Rows [m0, t0) are global: this tile computes them as block rows, and
+        # _global_rows_forward overwrites them afterwards.
+        t0 = tl.maximum(m0, NUM_GLOBAL)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -383,7 +387,7 @@ def _fwd_kernel(
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
     bias_row, c_left, c_right = _head_bias(BiasLUT, h, lut_w, HAS_BIAS, REACH, PATTERN)
 
-    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
+    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(t0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
                                                           SBLOCK, NUM_GLOBAL, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -829,12 +833,13 @@ def _bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 # The first NUM_GLOBAL queries see every key, and every query sees the first NUM_GLOBAL keys. In
 # the kernels above, the query tile (forward, dq) or key tile (dk/dv) holding them would walk the
-# whole sequence alone: at 1M tokens that one program per head is most of the run. Those tiles
-# exit there and are done here instead, split over the other axis into chunks of tiles, one
-# program per (chunk, batch x head, tile); torch merges the chunks (softmax partials in the
-# forward, plain sums in the backward). Every tile here is a masked tile (bias gathered per
-# score, the pattern's predicate applied), so rows of these tiles that are not global still see
-# exactly their block.
+# whole sequence alone: at 1M tokens that one program per head is most of the run. They are done
+# here instead, split over the other axis into chunks of tiles, one program per (chunk, batch x
+# head, tile); torch merges the chunks (softmax partials in the forward, plain sums in the
+# backward). The forward takes the global rows alone (the main forward computes the other rows
+# of their tiles), so its chunks run the dense loops. The backward's tiles are the main kernels'
+# skipped ones, global and not: every tile there is masked (bias gathered per score, the
+# pattern's predicate applied), so their rows that are not global still see exactly their block.
 
 
 @triton.jit
@@ -853,10 +858,13 @@ def _global_rows_fwd_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     num_heads, seqlen, chunk, rows_total, lut_w,
     HAS_BIAS: tl.constexpr, HAS_KEYLENS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr,
-    NUM_GLOBAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Partial softmax state (m, l, acc; base 2) of query tile t over keys [c * chunk, (c + 1) * chunk)."""
+    """Partial softmax state (m, l, acc; base 2) of global-row tile t over keys [c * chunk, (c + 1) * chunk).
+
+    Global rows see every key: the chunk runs the dense loops (far-left, near, far-right tiles,
+    then the one partial key tile masked). Rows of the tile past the global ones are computed
+    the same way and never read (the merge keeps rows < num_global)."""
     c, pid_bh, b64, h64, kv_len = _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS)
     m0 = tl.program_id(2) * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -866,15 +874,32 @@ def _global_rows_fwd_kernel(
                 mask=(offs_m < seqlen)[:, None], other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = _bias_center(BiasLUT, h64, lut_w)  # rel 0 of this head's bias row
-    start = c * chunk
-    end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
+    bias_row, c_left, c_right = _head_bias(BiasLUT, h64, lut_w, HAS_BIAS, REACH, BLOCK)
+    if HAS_BIAS:
+        DIST: tl.constexpr = REACH
+    else:
+        DIST: tl.constexpr = 1
+    left_end, right_start, n_full, hi = _key_regions(m0, 0, kv_len, DIST, False, BLOCK_M, BLOCK_N)
+    start = c * chunk  # a multiple of BLOCK_N, as every region boundary
+    end = tl.minimum(start + chunk, tl.cdiv(hi, BLOCK_N) * BLOCK_N)
+    f0 = tl.minimum(tl.maximum(left_end, start), end)
+    f1 = tl.minimum(tl.maximum(right_start, f0), end)
+    f2 = tl.minimum(tl.maximum(n_full, f1), end)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, 0.0, kv_len,
-                               start, end, m0, 0, offs_n, offs_d, ANY, True, HAS_BIAS, False, REACH, FP32_DOT,
-                               BLOCK_M, BLOCK_N, BLOCK, 0, SBLOCK, NUM_GLOBAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, c_left,
+                               kv_len, start, f0, m0, 0, offs_n, offs_d, FAR, False, HAS_BIAS, False, REACH,
+                               FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, 0.0,
+                               kv_len, f0, f1, m0, 0, offs_n, offs_d, NEAR, False, HAS_BIAS, False, REACH,
+                               FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, c_right,
+                               kv_len, f1, f2, m0, 0, offs_n, offs_d, FAR, False, HAS_BIAS, False, REACH,
+                               FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, bias_row, 0.0,
+                               kv_len, f2, end, m0, 0, offs_n, offs_d, ANY, True, HAS_BIAS, False, REACH,
+                               FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartM + row, m_i)
     tl.store(PartL + row, l_i)
@@ -1155,7 +1180,8 @@ _INTERPRET = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32),  # unequal, lik
 # (side keys, global keys). sm90 side_*: the H200 sweep of the eighth session at 128k
 # (bench/results/sweep-2026-11-29-s8-side.json; transient-global visible-score TFLOP/s, forward
 # 331.5 -> 352.1, forward+backward 150.7 -> 156.8 (dq) and 155.2 (dk/dv), each against 4 warps and
-# 2 stages, the configs until then); global_fwd keeps those (16 global rows: a 64-row tile).
+# 2 stages, the configs until then); global_fwd keeps those, its rows capped at the global rows'
+# next power of two (_global_fwd_tile: 16 rows for 16 global rows).
 _TILES = {
     # The H200 sweep (bench/results/sweep-2026-11-29-s5-occupancy.txt): a 128x64 forward capped at
     # 128 registers holds 2 blocks per SM (1 uncapped) and beat 64x64 by 1-6%; dq capped at 128
@@ -1472,7 +1498,10 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     block_m, block_n = tile("fwd", fp32, pattern=pattern.kind)
     table, window = _with_window(table, pattern, num_buckets, lay.heads, q.device)
     if table is not None:
-        lut_w = lut_width(reach, window, [(block_m, 2 * block_n)])  # NEAR_AHEAD reads one tile past the band
+        tiles = [(block_m, 2 * block_n)]  # NEAR_AHEAD reads one tile past the band
+        if pattern.kind == 2:
+            tiles.append(_global_fwd_tile(pattern.num_global, fp32))
+        lut_w = lut_width(reach, window, tiles)
         bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
     else:
         bias_lut, lut_w = _dummy(q.device, torch.float32), 0
@@ -1621,10 +1650,17 @@ def _real_rows(key_lengths, batch: int, heads: int, rows: int, device) -> torch.
     return real[:, None, :].expand(batch, heads, rows).reshape(batch * heads, rows)
 
 
+def _global_fwd_tile(num_global: int, fp32: bool) -> tuple[int, int]:
+    """The global rows' forward tile: its config's, with no more rows than the global ones need
+    (at least 16, a dot's smallest): 16 global rows take one 16-row tile, not a 64-row one."""
+    block_m, block_n = tile("global_fwd", fp32)
+    return min(block_m, max(16, triton.next_power_of_2(num_global))), block_n
+
+
 def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bias, reach, pattern, fp32):
     """Out and lse of the query tiles holding the global rows: split over keys, merged in torch."""
     batch, heads, length, dim = q.shape
-    block_m, block_n = tile("global_fwd", fp32)
+    block_m, block_n = _global_fwd_tile(pattern.num_global, fp32)
     n_tiles = triton.cdiv(min(pattern.num_global, length), block_m)
     rows = n_tiles * block_m
     chunk = _global_chunk(length, block_n, n_tiles * batch * heads)
@@ -1638,7 +1674,7 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), heads, length, chunk, rows, lut_w,
         HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, SBLOCK=pattern.block_size, NUM_GLOBAL=pattern.num_global,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     # Merge the chunks' softmax states (base 2); a chunk with no visible key has m = -inf, l = 0.
     m = part_m.amax(0)  # [B*H, rows]
@@ -1649,7 +1685,7 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
     keep = (total > 0) & _real_rows(key_lengths, batch, heads, rows, q.device)
     merged = torch.where(keep[..., None], acc / torch.where(keep, total, 1.0)[..., None], 0.0)
     merged_lse = torch.where(keep, m + torch.log2(torch.where(keep, total, 1.0)), float("inf"))
-    real = min(rows, length)
+    real = min(pattern.num_global, length)  # the main kernel wrote the rest of its tiles
     out[:, :, :real] = merged.view(batch, heads, rows, dim)[:, :, :real].to(out.dtype)
     lse[:, :, :real] = merged_lse.view(batch, heads, rows)[:, :, :real]
 

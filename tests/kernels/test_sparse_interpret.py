@@ -184,6 +184,26 @@ def test_block_global_rows_and_keys_split_into_many_chunks(monkeypatch, block_si
                     seed=block_size + num_global)
 
 
+def test_block_global_rows_run_far_and_near_tiles_over_every_key(monkeypatch):
+    # The global rows' forward runs the dense loops: with a short reach (8 buckets, max_distance 4)
+    # and 70 global rows (tiles of up to 64 of them), their chunks hold far-left, near, far-right
+    # and partial key tiles; the second sequence's padding starts inside the global rows. The
+    # main kernel computes the rest of the tiles that hold global rows.
+    monkeypatch.setattr(flash_mod, "GLOBAL_MIN_CHUNK", 16)
+    run_and_compare("block", 2, 2, 201, 16, [201, 50], block_size=30, num_global=70, num_buckets=8, max_distance=4,
+                    seed=3)
+
+
+def test_block_without_a_bias_table_equals_a_zero_table():
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 2, 150, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    kl = torch.tensor([150, 77])
+    params = dict(block_size=40, num_global=20)
+    out = sparse_attention(*(t.float() for t in (q, k, v)), None, pattern="block", key_lengths=kl, **params)
+    ref = reference_sparse(q, k, v, torch.zeros(32, 2, dtype=torch.float64), "block", key_lengths=kl, **params)
+    assert rel_err(out, ref) < FP32_TOL
+
+
 def test_block_fp16():
     run_and_compare("block", 2, 2, 130, 32, [130, 77], dtype=torch.float16, tol=FP16_TOL, block_size=48,
                     num_global=16)
