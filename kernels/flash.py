@@ -588,9 +588,11 @@ def _bwd_dq_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
+    t0 = m0  # the first row the tile's key ranges are for
     if PATTERN == BLOCK:
-        if m0 < NUM_GLOBAL:  # a tile of global rows: _global_rows_dq_kernel (its dtable part stays 0)
+        if m0 + BLOCK_M <= NUM_GLOBAL:  # global rows only: _global_rows_dq_kernel
             return
+        t0 = tl.maximum(m0, NUM_GLOBAL)  # rows [m0, t0) are global: lse = +inf below, p = dS = 0
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -601,6 +603,8 @@ def _bwd_dq_kernel(
     rmask = offs_m < q_len
     q, do, lse, delta = _load_query_rows(Q, DO, LSE, Delta, b64, h64, rows, rmask, stride_qb, stride_qh, stride_qm,
                                          stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, offs_d)
+    if PATTERN == BLOCK:  # the global rows' dq and dS sums are _global_rows_dq_kernel's
+        lse = tl.where(offs_m < NUM_GLOBAL, float("inf"), lse)
     k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
     q_pos = offs_m + q_offset
@@ -612,7 +616,7 @@ def _bwd_dq_kernel(
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
     bias_row, c_left, c_right = _head_bias(BiasLUT, h, lut_w, HAS_BIAS, REACH, PATTERN)
 
-    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
+    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(t0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
                                                           SBLOCK, NUM_GLOBAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -740,9 +744,11 @@ def _bwd_dkdv_kernel(
     n0 = pid_n * BLOCK_N
     if n0 >= store_len:
         return
+    t0 = n0  # the first key the tile's query ranges are for
     if PATTERN == BLOCK:
-        if n0 < NUM_GLOBAL:  # a tile of global keys: _split_dkdv_kernel
+        if n0 + BLOCK_N <= NUM_GLOBAL:  # global keys only: _split_dkdv_kernel
             return
+        t0 = tl.maximum(n0, NUM_GLOBAL)  # keys [n0, t0) are global: computed as block keys, then overwritten
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -784,7 +790,7 @@ def _bwd_dkdv_kernel(
             i1 = q_len
             e1 = q_len
         else:  # the query tiles that see this key tile (both patterns are symmetric); padded rows have lse = +inf
-            lead_end, a0, i0, i1, e1 = _sparse_ranges(n0, kv_len, tl.cdiv(kv_len, BLOCK_M) * BLOCK_M, PATTERN,
+            lead_end, a0, i0, i1, e1 = _sparse_ranges(t0, kv_len, tl.cdiv(kv_len, BLOCK_M) * BLOCK_M, PATTERN,
                                                       RADIUS, SBLOCK, NUM_GLOBAL, BLOCK_N, BLOCK_M)
         right_end = tl.minimum(tl.maximum(right_end, i0), i1)
         left_start = tl.minimum(tl.maximum(left_start, right_end), i1)
@@ -914,9 +920,11 @@ def _global_rows_dq_kernel(
     num_heads, seqlen, chunk, rows_total, lut_w,
     HAS_BIAS: tl.constexpr, DTABLE: tl.constexpr, N_RUNS: tl.constexpr, NB_POW2: tl.constexpr,
     HAS_KEYLENS: tl.constexpr, REACH: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_GLOBAL: tl.constexpr,
 ):
-    """Partial dq of query tile t over keys [c * chunk, (c + 1) * chunk), and its dS sums per run of equal buckets."""
+    """Partial dq of global-row tile t over keys [c * chunk, (c + 1) * chunk), and its dS sums per
+    run of equal buckets: the dense loops, as the global rows' forward. Rows of the tile past the
+    global ones get lse = +inf (p = dS = 0): they add nothing to the sums and their dq is never read."""
     c, pid_bh, b64, h64, kv_len = _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS)
     t = tl.program_id(2)
     m0 = t * BLOCK_M
@@ -927,23 +935,45 @@ def _global_rows_dq_kernel(
     rmask = offs_m < seqlen
     q, do, lse, delta = _load_query_rows(Q, DO, LSE, Delta, b64, h64, offs_m, rmask, stride_qb, stride_qh, stride_qm,
                                          stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, offs_d)
+    lse = tl.where(offs_m < NUM_GLOBAL, lse, float("inf"))
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
-    bias_row = _bias_center(BiasLUT, h64, lut_w)  # rel 0 of this head's bias row
-    start = c * chunk
-    end = tl.minimum(start + chunk, tl.cdiv(kv_len, BLOCK_N) * BLOCK_N)
+    bias_row, c_left, c_right = _head_bias(BiasLUT, h64, lut_w, HAS_BIAS, REACH, BLOCK)
+    if HAS_BIAS:
+        DIST: tl.constexpr = REACH
+    else:
+        DIST: tl.constexpr = 1
+    left_end, right_start, n_full, hi = _key_regions(m0, 0, kv_len, DIST, False, BLOCK_M, BLOCK_N)
+    start = c * chunk  # a multiple of BLOCK_N, as every region boundary
+    end = tl.minimum(start + chunk, tl.cdiv(hi, BLOCK_N) * BLOCK_N)
+    f0 = tl.minimum(tl.maximum(left_end, start), end)
+    f1 = tl.minimum(tl.maximum(right_start, f0), end)
+    f2 = tl.minimum(tl.maximum(n_full, f1), end)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_runs = tl.zeros([BLOCK_M, NB_POW2], dtype=tl.float32)
-    dq, acc_rows, acc_runs = _dq_inner(dq, acc_rows, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-                                       offs_m, bias_row, RunEnd, 0.0, kv_len, start, end, m0, 0, offs_n, offs_d, nb_idx,
-                                       ANY, True, HAS_BIAS, DTABLE, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK, 0,
-                                       SBLOCK, NUM_GLOBAL)
+    dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                       offs_m, bias_row, RunEnd, c_left, kv_len, start, f0, m0, 0, offs_n, offs_d,
+                                       nb_idx, FAR, False, HAS_BIAS, DTABLE, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
+                                       DENSE, 0, 1, 0)
+    dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                       offs_m, bias_row, RunEnd, 0.0, kv_len, f0, f1, m0, 0, offs_n, offs_d, nb_idx,
+                                       NEAR, False, HAS_BIAS, DTABLE, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE,
+                                       0, 1, 0)
+    dq, acc_right, acc_runs = _dq_inner(dq, acc_right, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                        stride_vn, offs_m, bias_row, RunEnd, c_right, kv_len, f1, f2, m0, 0, offs_n,
+                                        offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE, False, REACH, FP32_DOT, BLOCK_M,
+                                        BLOCK_N, DENSE, 0, 1, 0)
+    dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
+                                       offs_m, bias_row, RunEnd, 0.0, kv_len, f2, end, m0, 0, offs_n, offs_d, nb_idx,
+                                       ANY, True, HAS_BIAS, DTABLE, False, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE,
+                                       0, 1, 0)
     row = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * rows_total + offs_m  # [chunk, B*H, rows]
     tl.store(PartDQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq)
     if DTABLE:  # [chunk, B*H, tile, run]
         slot = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * tl.num_programs(2) + t
-        e = _run_sums(acc_runs, acc_rows, acc_rows, nb_idx, N_RUNS)  # ANY tiles only: no far row sums (0)
+        e = _run_sums(acc_runs, acc_left, acc_right, nb_idx, N_RUNS)
         tl.store(PartTable + slot * N_RUNS + nb_idx, e, mask=nb_idx < N_RUNS)
 
 
@@ -989,25 +1019,33 @@ def _split_dkdv_kernel(
     lse_base = LSE + b64 * stride_lb + h64 * stride_lh
     delta_base = Delta + b64 * stride_lb + h64 * stride_lh
     q_pos_base = QPos + b64 * stride_pb
-    near_start = start
-    near_end = end
     if Q_POS_TENSOR:
         far_rows = FarRows + (b64 * tl.num_programs(2) + tl.program_id(2)) * 2
         near_start = tl.minimum(tl.maximum((tl.load(far_rows) // BLOCK_M) * BLOCK_M, start), end)
         near_end = tl.minimum(tl.maximum(tl.cdiv(tl.load(far_rows + 1), BLOCK_M) * BLOCK_M, near_start), end)
         c_right = tl.load(bias_row + 2 * REACH) * LOG2E  # rel >= REACH: queries before the keys
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                             c_right, seqlen, 0, start, near_start, offs_m, offs_d, bias_row, q_pos_base, FAR,
-                             HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL,
-                             Q_POS_TENSOR)
+    else:  # `block`'s global keys, seen by every query: rows far before and after them by position
+        if HAS_BIAS:
+            DIST: tl.constexpr = REACH
+        else:
+            DIST: tl.constexpr = 1
+        _, c_after, c_right = _head_bias(BiasLUT, h64, lut_w, HAS_BIAS, REACH, PATTERN)
+        near_start = tl.minimum(tl.maximum((tl.maximum(n0 - DIST + 1, 0) // BLOCK_M) * BLOCK_M, start), end)
+        near_end = tl.minimum(tl.maximum(tl.cdiv(n0 + BLOCK_N - 1 + DIST, BLOCK_M) * BLOCK_M, near_start), end)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                         c_right, seqlen, 0, start, near_start, offs_m, offs_d, bias_row, q_pos_base, FAR,
+                         HAS_BIAS, False, FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL,
+                         Q_POS_TENSOR)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0, 0.0,
                          seqlen, 0, near_start, near_end, offs_m, offs_d, bias_row, q_pos_base, ANY, HAS_BIAS, False,
                          FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
     if Q_POS_TENSOR:
         c_left = tl.load(bias_row - 2 * REACH) * LOG2E  # rel <= -REACH: queries after the keys
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
-                             c_left, seqlen, 0, near_end, end, offs_m, offs_d, bias_row, q_pos_base, FAR, HAS_BIAS,
-                             False, FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
+    else:
+        c_left = c_after
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, n0,
+                         c_left, seqlen, 0, near_end, end, offs_m, offs_d, bias_row, q_pos_base, FAR, HAS_BIAS,
+                         False, FP32_DOT, BLOCK_M, BLOCK_N, REACH, PATTERN, 0, SBLOCK, NUM_GLOBAL, Q_POS_TENSOR)
     dk = tl.where(kmask[:, None], dk, 0.0)
     dv = tl.where(kmask[:, None], dv, 0.0)
     col = (c.to(tl.int64) * tl.num_programs(1) + pid_bh) * cols_total + cols  # [chunk, B*H, cols]
@@ -1500,7 +1538,7 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     if table is not None:
         tiles = [(block_m, 2 * block_n)]  # NEAR_AHEAD reads one tile past the band
         if pattern.kind == 2:
-            tiles.append(_global_fwd_tile(pattern.num_global, fp32))
+            tiles.append(_global_tile("global_fwd", pattern.num_global, fp32))
         lut_w = lut_width(reach, window, tiles)
         bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
     else:
@@ -1553,7 +1591,10 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     dq_m, dq_n = tile("dq", fp32, pattern=pattern.kind)
     kv_m, kv_n = tile("dkdv", fp32, pattern=pattern.kind)
     if has_bias:
-        lut_w = lut_width(reach, window, [(dq_m, dq_n), (kv_m, kv_n)])
+        tiles = [(dq_m, dq_n), (kv_m, kv_n)]
+        if pattern.kind == 2:
+            tiles.append(_global_tile("side_dq", pattern.num_global, fp32))
+        lut_w = lut_width(reach, window, tiles)
         bias_lut = _bias_row(table, tables.lut, reach, lut_w, window)
     else:
         bias_lut, lut_w = _dummy(q.device, torch.float32), 0
@@ -1650,17 +1691,18 @@ def _real_rows(key_lengths, batch: int, heads: int, rows: int, device) -> torch.
     return real[:, None, :].expand(batch, heads, rows).reshape(batch * heads, rows)
 
 
-def _global_fwd_tile(num_global: int, fp32: bool) -> tuple[int, int]:
-    """The global rows' forward tile: its config's, with no more rows than the global ones need
-    (at least 16, a dot's smallest): 16 global rows take one 16-row tile, not a 64-row one."""
-    block_m, block_n = tile("global_fwd", fp32)
+def _global_tile(kind: str, num_global: int, fp32: bool) -> tuple[int, int]:
+    """The global rows' tile ("global_fwd" forward, "side_dq" dq): its config's, with no more rows
+    than the global ones need (at least 16, a dot's smallest): 16 global rows take one 16-row
+    tile, not a 64-row one."""
+    block_m, block_n = tile(kind, fp32)
     return min(block_m, max(16, triton.next_power_of_2(num_global))), block_n
 
 
 def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bias, reach, pattern, fp32):
     """Out and lse of the query tiles holding the global rows: split over keys, merged in torch."""
     batch, heads, length, dim = q.shape
-    block_m, block_n = _global_fwd_tile(pattern.num_global, fp32)
+    block_m, block_n = _global_tile("global_fwd", pattern.num_global, fp32)
     n_tiles = triton.cdiv(min(pattern.num_global, length), block_m)
     rows = n_tiles * block_m
     chunk = _global_chunk(length, block_n, n_tiles * batch * heads)
@@ -1714,6 +1756,8 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, fi
     batch, heads, length, dim = q.shape
     fp32 = q.dtype == torch.float32
     block_m, block_n = tile("side_dkdv", fp32)
+    if q_pos is None:  # `block`'s global keys alone (the main dk/dv kernel does the rest of their tile)
+        block_n = min(block_n, max(16, triton.next_power_of_2(first_keys)))
     n_tiles = triton.cdiv(first_keys, block_n)
     cols, chunk = n_tiles * block_n, _global_chunk(length, block_m, n_tiles * batch * heads)
     n_chunks = triton.cdiv(length, chunk)
@@ -1732,7 +1776,7 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, fi
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PATTERN=pattern.kind, SBLOCK=pattern.block_size,
         NUM_GLOBAL=pattern.num_global, Q_POS_TENSOR=q_pos is not None,
     )
-    keys = min(cols, k.shape[2])
+    keys = min(first_keys, k.shape[2])
     return (part_dk.sum(0).view(batch, heads, cols, dim)[:, :, :keys],
             part_dv.sum(0).view(batch, heads, cols, dim)[:, :, :keys])
 
@@ -1747,11 +1791,9 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, table
     keylens = key_lengths if key_lengths is not None else _dummy(q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
-    common = dict(HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
-                  HEAD_DIM=dim, SBLOCK=pattern.block_size, NUM_GLOBAL=pattern.num_global)
     n_global = min(pattern.num_global, length)
 
-    block_m, block_n = tile("side_dq", fp32)
+    block_m, block_n = _global_tile("side_dq", pattern.num_global, fp32)
     n_tiles = triton.cdiv(n_global, block_m)
     rows, chunk = n_tiles * block_m, _global_chunk(length, block_n, n_tiles * bh)
     n_chunks = triton.cdiv(length, chunk)
@@ -1762,10 +1804,11 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, table
         q, k, v, do, lse, delta, part_dq, part_table, bias_lut, tables.run_end, keylens, *strides, heads, length,
         chunk, rows, lut_w,
         DTABLE=wants_dtable, N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(), BLOCK_M=block_m,
-        BLOCK_N=block_n, **common,
+        BLOCK_N=block_n, HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
+        HEAD_DIM=dim, NUM_GLOBAL=pattern.num_global,
     )
-    real = min(rows, length)
-    dq[:, :, :real] = part_dq.sum(0).view(batch, heads, rows, dim)[:, :, :real].to(dq.dtype)
+    # The main dq kernel wrote the other rows of its tiles (and 0 for the global ones).
+    dq[:, :, :n_global] = part_dq.sum(0).view(batch, heads, rows, dim)[:, :, :n_global].to(dq.dtype)
 
     part_dk, part_dv = _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, None, n_global, has_bias,
                                    reach, pattern)
