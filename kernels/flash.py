@@ -859,6 +859,25 @@ def _split_program(num_heads, seqlen, KeyLens, HAS_KEYLENS: tl.constexpr):
 
 
 @triton.jit
+def _global_chunk_regions(m0, c, chunk, kv_len, HAS_BIAS: tl.constexpr, REACH: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """(start, f0, f1, f2, end): chunk c of the keys that global rows [m0, m0 + BLOCK_M) see (all of
+    them), cut at the dense key regions: far-left tiles [start, f0), near [f0, f1), far-right
+    [f1, f2), the partial last tile [f2, end). Without a bias every tile is far."""
+    if HAS_BIAS:
+        DIST: tl.constexpr = REACH
+    else:
+        DIST: tl.constexpr = 1
+    left_end, right_start, n_full, hi = _key_regions(m0, 0, kv_len, DIST, False, BLOCK_M, BLOCK_N)
+    start = c * chunk  # a multiple of BLOCK_N, as every region boundary
+    end = tl.minimum(start + chunk, tl.cdiv(hi, BLOCK_N) * BLOCK_N)
+    f0 = tl.minimum(tl.maximum(left_end, start), end)
+    f1 = tl.minimum(tl.maximum(right_start, f0), end)
+    f2 = tl.minimum(tl.maximum(n_full, f1), end)
+    return start, f0, f1, f2, end
+
+
+@triton.jit
 def _global_rows_fwd_kernel(
     Q, K, V, PartM, PartL, PartAcc, BiasLUT, KeyLens,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -881,16 +900,7 @@ def _global_rows_fwd_kernel(
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
     bias_row, c_left, c_right = _head_bias(BiasLUT, h64, lut_w, HAS_BIAS, REACH, BLOCK)
-    if HAS_BIAS:
-        DIST: tl.constexpr = REACH
-    else:
-        DIST: tl.constexpr = 1
-    left_end, right_start, n_full, hi = _key_regions(m0, 0, kv_len, DIST, False, BLOCK_M, BLOCK_N)
-    start = c * chunk  # a multiple of BLOCK_N, as every region boundary
-    end = tl.minimum(start + chunk, tl.cdiv(hi, BLOCK_N) * BLOCK_N)
-    f0 = tl.minimum(tl.maximum(left_end, start), end)
-    f1 = tl.minimum(tl.maximum(right_start, f0), end)
-    f2 = tl.minimum(tl.maximum(n_full, f1), end)
+    start, f0, f1, f2, end = _global_chunk_regions(m0, c, chunk, kv_len, HAS_BIAS, REACH, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -910,6 +920,46 @@ def _global_rows_fwd_kernel(
     tl.store(PartM + row, m_i)
     tl.store(PartL + row, l_i)
     tl.store(PartAcc + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
+
+
+@triton.jit
+def _merge_global_rows_kernel(
+    PartM, PartL, PartAcc, Out, LSE, KeyLens,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+    num_heads, seqlen, n_chunks, rows_total,
+    HAS_KEYLENS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNKS: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
+):
+    """Out and lse of global row r (program (batch x head, r)): its chunks' partial softmax states
+    (m, l, acc; base 2) of _global_rows_fwd_kernel ([chunk, B*H, rows]) merged in one fixed order.
+    One launch instead of a dozen torch ops. A row with no visible key (every chunk's m = -inf) or
+    past its sequence's length outputs 0 with lse = +inf, as the main kernel's padded rows."""
+    pid_bh = tl.program_id(0)
+    r = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    _, _, _, kv_len = _seq_bounds(b, seqlen, seqlen, KeyLens, KeyLens, KeyLens, HAS_KEYLENS, False)
+    offs_c = tl.arange(0, CHUNKS)
+    slot = (offs_c.to(tl.int64) * tl.num_programs(0) + pid_bh) * rows_total + r  # [CHUNKS]
+    m_c = tl.load(PartM + slot, mask=offs_c < n_chunks, other=float("-inf"))
+    m = tl.max(m_c, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # no visible key anywhere: every weight is 0
+    total = tl.sum(tl.exp2(m_c - m_safe) * tl.load(PartL + slot, mask=offs_c < n_chunks, other=0.0), 0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for c0 in range(0, n_chunks, CHUNK_BLOCK):
+        cs = c0 + tl.arange(0, CHUNK_BLOCK)
+        cslot = (cs.to(tl.int64) * tl.num_programs(0) + pid_bh) * rows_total + r  # [CHUNK_BLOCK]
+        weight = tl.exp2(tl.load(PartM + cslot, mask=cs < n_chunks, other=float("-inf")) - m_safe)
+        part = tl.load(PartAcc + cslot[:, None] * HEAD_DIM + offs_d[None, :], mask=(cs < n_chunks)[:, None],
+                       other=0.0)  # [CHUNK_BLOCK, HEAD_DIM]
+        acc += tl.sum(weight[:, None] * part, 0)
+    keep = (total > 0) & (r < kv_len)
+    safe_total = tl.where(keep, total, 1.0)
+    out = tl.where(keep, acc / safe_total, 0.0)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + r * stride_om + offs_d,
+             out.to(Out.dtype.element_ty))
+    tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + r,
+             tl.where(keep, m + tl.log2(safe_total), float("inf")))
 
 
 @triton.jit
@@ -939,16 +989,7 @@ def _global_rows_dq_kernel(
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
     bias_row, c_left, c_right = _head_bias(BiasLUT, h64, lut_w, HAS_BIAS, REACH, BLOCK)
-    if HAS_BIAS:
-        DIST: tl.constexpr = REACH
-    else:
-        DIST: tl.constexpr = 1
-    left_end, right_start, n_full, hi = _key_regions(m0, 0, kv_len, DIST, False, BLOCK_M, BLOCK_N)
-    start = c * chunk  # a multiple of BLOCK_N, as every region boundary
-    end = tl.minimum(start + chunk, tl.cdiv(hi, BLOCK_N) * BLOCK_N)
-    f0 = tl.minimum(tl.maximum(left_end, start), end)
-    f1 = tl.minimum(tl.maximum(right_start, f0), end)
-    f2 = tl.minimum(tl.maximum(n_full, f1), end)
+    start, f0, f1, f2, end = _global_chunk_regions(m0, c, chunk, kv_len, HAS_BIAS, REACH, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_right = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -1684,13 +1725,6 @@ def _launch_side(kernel, kind: str, fp32: bool, grid: tuple, *args, **kwargs):
         kernel[grid](*args, **_launch_options(launch_config(kind, fp32)[2:]), **kwargs)
 
 
-def _real_rows(key_lengths, batch: int, heads: int, rows: int, device) -> torch.Tensor:
-    """[B * H, rows] bool: rows inside their sequence (padded rows of a sparse pattern output 0)."""
-    idx = torch.arange(rows, device=device)[None, :]
-    real = idx < (key_lengths.to(device)[:, None] if key_lengths is not None else idx.new_full((batch, 1), rows))
-    return real[:, None, :].expand(batch, heads, rows).reshape(batch * heads, rows)
-
-
 def _global_tile(kind: str, num_global: int, fp32: bool) -> tuple[int, int]:
     """The global rows' tile ("global_fwd" forward, "side_dq" dq): its config's, with no more rows
     than the global ones need (at least 16, a dot's smallest): 16 global rows take one 16-row
@@ -1718,18 +1752,13 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
         HAS_BIAS=has_bias, HAS_KEYLENS=key_lengths is not None, REACH=reach, FP32_DOT=fp32,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
     )
-    # Merge the chunks' softmax states (base 2); a chunk with no visible key has m = -inf, l = 0.
-    m = part_m.amax(0)  # [B*H, rows]
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    weight = torch.exp2(part_m - m)  # [chunks, B*H, rows]
-    total = (weight * part_l).sum(0)
-    acc = (weight[..., None] * part_acc).sum(0)  # [B*H, rows, D]
-    keep = (total > 0) & _real_rows(key_lengths, batch, heads, rows, q.device)
-    merged = torch.where(keep[..., None], acc / torch.where(keep, total, 1.0)[..., None], 0.0)
-    merged_lse = torch.where(keep, m + torch.log2(torch.where(keep, total, 1.0)), float("inf"))
     real = min(pattern.num_global, length)  # the main kernel wrote the rest of its tiles
-    out[:, :, :real] = merged.view(batch, heads, rows, dim)[:, :, :real].to(out.dtype)
-    lse[:, :, :real] = merged_lse.view(batch, heads, rows)[:, :, :real]
+    _merge_global_rows_kernel[(batch * heads, real)](
+        part_m, part_l, part_acc, out, lse, key_lengths if key_lengths is not None else _dummy(q.device),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), heads, length, n_chunks, rows,
+        HAS_KEYLENS=key_lengths is not None, HEAD_DIM=dim, CHUNKS=triton.next_power_of_2(n_chunks),
+        CHUNK_BLOCK=min(32, triton.next_power_of_2(n_chunks)),
+    )
 
 
 def _far_rows(q_pos: torch.Tensor, n_tiles: int, block_n: int, reach: int) -> torch.Tensor:

@@ -7,7 +7,10 @@
 bf16, 12 heads, head dim 64, batch x length = 16k tokens (as bench_attention.py). For each
 length, forward and forward+backward with the T5 bias and without: the kernels by total CUDA
 time per call (torch.profiler), so the cost of the bias shows kernel by kernel (near tiles in
-the main kernels, the bias-row and table-gradient kernels around them). --pattern local,
+the main kernels, the bias-row and table-gradient kernels around them), then the host's time to
+enqueue one call and the wall time per call back to back: a call whose host time is near its
+GPU time is bound by launches, and its timings move with the host's speed
+(tools/host_overhead.py says where the host's time goes). --pattern local,
 block or transient-global profiles the sparse modes (radius 127; blocks of 512 with 16 global
 tokens; one side key per 16 tokens, its global table always on), batch 1.
 A diagnosis tool: the benchmark is bench_attention.py.
@@ -15,6 +18,7 @@ A diagnosis tool: the benchmark is bench_attention.py.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from bench_attention import SPARSE_PARAMS, tglobal_inputs  # tools/ is on the path when run as a script
@@ -62,6 +66,7 @@ def main() -> int:
 
                 for _ in range(3):  # compile and warm up
                     call()
+                host, wall = host_and_wall(call, args.steps)
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(args.steps):
@@ -70,7 +75,26 @@ def main() -> int:
                 kernel_table(prof, 40, f"{args.pattern} L={L} B={B} "
                              f"{args.table_dtype + ' bias' if with_bias else 'no bias'} "
                              f"{'fwd+bwd' if backward else 'fwd'}", steps=args.steps)
+                print(f"host {host:.3f} ms per call to enqueue, wall {wall:.3f} ms per call back to back")
     return 0
+
+
+def host_and_wall(call, steps: int, host_steps: int = 4) -> tuple[float, float]:
+    """(host ms to enqueue one call, wall ms per call back to back). The host figure comes from
+    `host_steps` calls only: more would fill the launch queue (~1000 launches), and the host would
+    then wait for the GPU. Measured before the profiler runs (its hooks slow the host)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(host_steps):
+        call()
+    host = (time.perf_counter() - start) / host_steps
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        call()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    return host * 1e3, wall * 1e3
 
 
 if __name__ == "__main__":
