@@ -61,7 +61,9 @@ def syncs(call) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return sorted({str(w.message).splitlines()[0][:160] for w in caught})
+    messages = {str(w.message).splitlines()[0][:160] for w in caught}
+    notice = "Synchronization debug mode is a prototype"  # printed once per process, not a sync
+    return sorted(m for m in messages if not m.startswith(notice))
 
 
 def own_time_table(call, rows: int) -> None:
@@ -77,6 +79,19 @@ def own_time_table(call, rows: int) -> None:
     for (file, line, name), (ncalls, _, own, cumulative, _) in sorted(stats.items(), key=lambda x: -x[1][2])[:rows]:
         where = f"{file.split('site-packages/')[-1].split('/work/')[-1]}:{line}({name})"
         print(f"   {own * 1e6:9.1f} us own {cumulative * 1e6:9.1f} us cum {ncalls:5d}x  {where[-110:]}")
+
+
+def op_table(call, rows: int) -> None:
+    """torch.profiler's CPU ops of forward+backward by self time, the profiler warmed up first
+    (its first active step inflates every op)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=2, active=4)) as prof:
+        for _ in range(7):
+            call()
+            prof.step()
+    torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
 
 
 def main() -> int:
@@ -97,6 +112,7 @@ def main() -> int:
                 print(f"   sync: {message}")
             if backward:
                 own_time_table(call, args.rows)
+                op_table(call, args.rows)
     return 0
 
 
