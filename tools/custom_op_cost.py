@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Host cost of the torch.library custom-op wrapper around t5core's flash forward and backward.
+"""Where the host's time of one attention call goes: the launch, the custom op, autograd.
 
     python tools/custom_op_cost.py [--length 1024]
 
-Times (host, GPU idle before each batch of calls) the same forward and backward called through
-the custom ops (`torch.ops.t5core.flash_attention_fwd/bwd`, what flash_attention and
-sparse_attention use) and through `t5core.kernels.flash.forward/backward` directly, dense and
-`block` (bf16, 12 heads, d 64, batch 1, the T5 bias). The difference is the wrapper's cost.
-A diagnosis tool.
+Dense and `block` (bf16, 12 heads, d 64, batch 1, the T5 bias), host time per call (the GPU
+idle before each batch of calls): one Triton launch alone (the bias-row kernel) against one
+torch launch; `t5core.kernels.flash.forward/backward` called directly and through the custom
+ops (`torch.ops.t5core.flash_attention_fwd/bwd`, what flash_attention and sparse_attention
+use); and the forward and `torch.autograd.backward` under autograd, once through the custom
+ops' registered autograd and once through a plain `torch.autograd.Function` around the same
+two functions (as transient-global's). A diagnosis tool (tools/host_overhead.py: per mode).
 """
 from __future__ import annotations
 
@@ -30,6 +32,41 @@ def host_us(fn, calls: int = 8, rounds: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def plain_function(pattern):
+    """A torch.autograd.Function around flash.forward/backward for `pattern`: autograd without the custom ops."""
+    from t5core.kernels import flash
+
+    class Plain(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, table):
+            out, lse = flash.forward(q, k, v, table, None, None, None, 0, 0, True, 32, 128, False, 0, pattern)
+            ctx.save_for_backward(q, k, v, table, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, table, out, lse = ctx.saved_tensors
+            return flash.backward(dout, q, k, v, out, lse, table, None, None, None, 0, 0, True, 32, 128, False, 0,
+                                  pattern, True)
+
+    return Plain.apply
+
+
+def backward_us(forward, dout, leaves) -> float:
+    """Median host time of torch.autograd.backward alone over 8 calls (each after a synced forward)."""
+    times = []
+    for _ in range(8):
+        out = forward()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.autograd.backward(out, dout)
+        times.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+        for leaf in leaves:
+            leaf.grad = None
+    return sorted(times)[4]
+
+
 def main() -> int:
     from t5core.kernels import flash
     from t5core.kernels import ops  # noqa: F401 - registers torch.ops.t5core
@@ -40,46 +77,39 @@ def main() -> int:
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(1, 12, args.length, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     table = torch.randn(32, 12, device="cuda")
+    x = torch.zeros(1, device="cuda")
+    tables = flash._bucket_tables(True, 32, 128, q.device)
+    report = lambda name, label, us: print(f"{name:6s} {label:24s} {us:8.1f} us host per call")  # noqa: E731
+    report("", "one torch launch (add_)", host_us(lambda: x.add_(1)))
+    report("", "one Triton launch (bias row)", host_us(lambda: flash._bias_row(table, tables.lut, tables.reach, 256)))
     for name, pattern in (("dense", (0, 0, 1, 0)), ("block", (2, 0, 512, 16))):
         pat = flash.Pattern(*pattern)
         out, lse = flash.forward(q, k, v, table, None, None, None, 0, 0, True, 32, 128, False, 0, pat)
-        direct_fwd = lambda: flash.forward(q, k, v, table, None, None, None, 0, 0, True, 32, 128, False, 0, pat)  # noqa: E731
-        op_fwd = lambda: torch.ops.t5core.flash_attention_fwd(q, k, v, table, None, True, 32, 128, False, 0, *pattern)  # noqa: E731
-        direct_bwd = lambda: flash.backward(do, q, k, v, out, lse, table, None, None, None, 0, 0, True, 32, 128,  # noqa: E731
-                                            False, 0, pat, True)
-        op_bwd = lambda: torch.ops.t5core.flash_attention_bwd(do, q, k, v, out, lse, table, None, True, 32, 128,  # noqa: E731
-                                                              False, 0, *pattern, True)
-        for label, fn in (("fwd direct", direct_fwd), ("fwd custom op", op_fwd), ("bwd direct", direct_bwd),
-                          ("bwd custom op", op_bwd)):
+        calls = {
+            "fwd direct": lambda: flash.forward(q, k, v, table, None, None, None, 0, 0, True, 32, 128, False, 0, pat),
+            "fwd custom op": lambda: torch.ops.t5core.flash_attention_fwd(q, k, v, table, None, True, 32, 128, False,
+                                                                          0, *pattern),
+            "bwd direct": lambda: flash.backward(do, q, k, v, out, lse, table, None, None, None, 0, 0, True, 32, 128,
+                                                 False, 0, pat, True),
+            "bwd custom op": lambda: torch.ops.t5core.flash_attention_bwd(do, q, k, v, out, lse, table, None, True,
+                                                                          32, 128, False, 0, *pattern, True),
+        }
+        for label, fn in calls.items():
             for _ in range(3):
                 fn()
-            print(f"{name:6s} {label:14s} {host_us(fn):8.1f} us host per call")
-        # The same under autograd: the forward op with inputs that need grad, then backward alone.
-        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-        tg = table.clone().requires_grad_()
-        autograd_fwd = lambda: torch.ops.t5core.flash_attention_fwd(qg, kg, vg, tg, None, True, 32, 128, False, 0,  # noqa: E731
-                                                                    *pattern)
-        for _ in range(3):
-            autograd_fwd()
-        print(f"{name:6s} {'fwd autograd':14s} {host_us(autograd_fwd):8.1f} us host per call")
-        times = []
-        for _ in range(8):
-            o, _ = autograd_fwd()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            torch.autograd.backward(o, do)
-            times.append((time.perf_counter() - start) * 1e6)
-            torch.cuda.synchronize()
-            for leaf in (qg, kg, vg, tg):
-                leaf.grad = None
-        print(f"{name:6s} {'backward()':14s} {sorted(times)[4]:8.1f} us host per call (median of 8)")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            o, _ = autograd_fwd()
-            torch.autograd.backward(o, do)
-        torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
-        x = torch.zeros(1, device="cuda")
-        print(f"{'':6s} {'torch add_':14s} {host_us(lambda: x.add_(1)):8.1f} us host per call")
+            report(name, label, host_us(fn))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, table)]
+        plain = plain_function(pat)
+        forwards = {
+            "custom op": lambda: torch.ops.t5core.flash_attention_fwd(*leaves, None, True, 32, 128, False, 0,
+                                                                      *pattern)[0],
+            "autograd.Function": lambda: plain(*leaves),
+        }
+        for label, forward in forwards.items():
+            for _ in range(3):
+                torch.autograd.backward(forward(), do)
+            report(name, f"fwd, {label}", host_us(forward))
+            report(name, f"backward(), {label}", backward_us(forward, do, leaves))
     return 0
 
 

@@ -10,6 +10,7 @@
 #   STEPS="tune attention tests" bash tools/gpu_run.sh   # tile sweep; the later steps run with its best tiles
 #   AB_FILES=... STEPS="ab_sparse" bash tools/gpu_run.sh   # sparse modes (SPARSE_AB_ARGS) on this tree and each candidate
 #   STEPS="floor" bash tools/gpu_run.sh   # the `local` forward against the floors of its tile schedule
+#   STEPS="train" bash tools/gpu_run.sh   # a flan-t5-base training step per attention mode against transformers
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
 # so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
 # compiling kernel variants on the host, so they run in XDIST parallel pytest workers
@@ -79,6 +80,7 @@ for s in ${STEPS:-tests attention model generate}; do
              --peer-max-length 16384 --basic-max-length 16384 --out "$OUT" ;;
     generate) step bench_generate ${T_GENERATE:-150} python3 tools/bench_generate.py \
              --sizes 1x512,1x8192,1x32768,32x512 --budget-s 120 --out "$OUT" ;;
+    train) step bench_train ${T_TRAIN:-250} python3 tools/bench_train.py --out "$OUT" ;;
     sparse_tests) step sparse_gpu_tests ${T_SPARSE_TESTS:-300} python3 -m pytest -m gpu \
              tests/kernels/test_sparse_gpu.py -q -p no:cacheprovider -rs $PAR --durations=12 ;;
     sparse_attention) step bench_sparse_attention ${T_SPARSE_ATTENTION:-360} python3 tools/bench_attention.py \
