@@ -143,6 +143,7 @@ def exercise(dtypes=(torch.bfloat16, torch.float16, torch.float32), head_dims=(3
             for run in runs:
                 out = run()
                 out.backward(torch.randn_like(out))
+            many_chunks(dtype, d)
             side = torch.randn(2, 4, 18, d, dtype=dtype, requires_grad=True)
             block_ids = (torch.arange(300) // 16).clamp_max(17)[None].repeat(2, 1)
             out = transient_global_attention(q, k, v, table, side, side, torch.randn(32, 4, requires_grad=True),
@@ -162,6 +163,23 @@ def exercise(dtypes=(torch.bfloat16, torch.float16, torch.float32), head_dims=(3
         fused.rms_norm(x, torch.ones(768, dtype=dtype), 1e-6)
         fused.rms_norm(x, torch.ones(768), 1e-6)
         fused.gated_gelu(x, x)
+
+
+def many_chunks(dtype, d: int) -> None:
+    """`block` split into more chunks than the merge kernel sums at once (a lowered GLOBAL_MIN_CHUNK,
+    2100 tokens: 66 chunks), which the short inputs above never reach."""
+    from t5core.kernels import flash
+    from t5core.kernels.ops import sparse_attention
+
+    saved = flash.GLOBAL_MIN_CHUNK
+    flash.GLOBAL_MIN_CHUNK = 32
+    try:
+        q, k, v = (torch.randn(2, 4, 2100, d, dtype=dtype, requires_grad=True) for _ in range(3))
+        out = sparse_attention(q, k, v, torch.randn(32, 4, requires_grad=True), pattern="block", block_size=64,
+                               num_global=16)
+        out.backward(torch.randn_like(out))
+    finally:
+        flash.GLOBAL_MIN_CHUNK = saved
 
 
 def main(argv=None) -> int:
