@@ -144,30 +144,31 @@ def _visible(q_pos, k_pos, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: 
 
 
 @triton.jit
-def _sparse_ranges(t0, length, n_full, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
-                   NUM_GLOBAL: tl.constexpr, T: tl.constexpr, U: tl.constexpr):
+def _sparse_ranges(t0, t1, length, n_full, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
+                   NUM_GLOBAL: tl.constexpr, U: tl.constexpr):
     """Tiles of the other axis (starts are multiples of U, positions < length) that the own
-    tile [t0, t0 + T) can see. Returns (lead_end, a0, i0, i1, e1): masked tiles [0, lead_end)
+    positions [t0, t1) can see. Returns (lead_end, a0, i0, i1, e1): masked tiles [0, lead_end)
     and [a0, i0), tiles with every pair visible [i0, i1) (whole tiles, ending at or before
     n_full), masked tiles [i1, e1). The ranges are disjoint, so a key visible twice over
-    (a leading key inside the query's own block) is still counted once."""
+    (a leading key inside the query's own block) is still counted once.
+    block: t0 >= NUM_GLOBAL. The global rows and keys see everything; the split kernels do
+    them, and a tile holding some passes t0 = NUM_GLOBAL (its block positions only)."""
     end = tl.cdiv(length, U) * U
     if PATTERN == LOCAL:
         lead_end = t0 * 0
         a0 = (tl.maximum(t0 - RADIUS, 0) // U) * U
-        e1 = tl.cdiv(tl.minimum(t0 + T + RADIUS, length), U) * U
-        # every pair visible: n >= t0 + T - 1 - R and n + U - 1 <= t0 + R
-        i0 = tl.cdiv(tl.maximum(t0 + T - 1 - RADIUS, 0), U) * U
+        e1 = tl.cdiv(tl.minimum(t1 + RADIUS, length), U) * U
+        # every pair visible: n >= t1 - 1 - R and n + U - 1 <= t0 + R
+        i0 = tl.cdiv(tl.maximum(t1 - 1 - RADIUS, 0), U) * U
         i1 = ((t0 + RADIUS + 1) // U) * U
     else:
-        everything = t0 < NUM_GLOBAL  # global rows (or leading keys): every tile, masked
-        lead_end = tl.where(everything, 0, tl.minimum(tl.cdiv(NUM_GLOBAL, U) * U, end))
+        lead_end = tl.minimum(tl.cdiv(NUM_GLOBAL, U) * U, end)
         b_first = t0 // SBLOCK
-        b_last = (tl.minimum(t0 + T, length) - 1) // SBLOCK
-        a0 = tl.where(everything, 0, tl.maximum((b_first * SBLOCK // U) * U, lead_end))
-        e1 = tl.where(everything, end, tl.cdiv(tl.minimum((b_last + 1) * SBLOCK, length), U) * U)
-        i0 = tl.where(everything, end, tl.cdiv(b_first * SBLOCK, U) * U)
-        i1 = tl.where(everything | (b_first != b_last), i0, ((b_first + 1) * SBLOCK // U) * U)
+        b_last = (tl.minimum(t1, length) - 1) // SBLOCK
+        a0 = tl.maximum((b_first * SBLOCK // U) * U, lead_end)
+        e1 = tl.cdiv(tl.minimum((b_last + 1) * SBLOCK, length), U) * U
+        i0 = tl.cdiv(b_first * SBLOCK, U) * U
+        i1 = tl.where(b_first != b_last, i0, ((b_first + 1) * SBLOCK // U) * U)
     e1 = tl.maximum(tl.minimum(e1, end), a0)
     i0 = tl.minimum(tl.maximum(i0, a0), e1)
     i1 = tl.minimum(tl.maximum(tl.minimum(i1, n_full), i0), e1)
@@ -177,17 +178,17 @@ def _sparse_ranges(t0, length, n_full, PATTERN: tl.constexpr, RADIUS: tl.constex
 
 
 @triton.jit
-def _query_tile_ranges(m0, kv_len, left_end, right_start, n_full, PATTERN: tl.constexpr, RADIUS: tl.constexpr,
-                       SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key-tile ranges of query tile m0 for the forward and dq kernels: masked [0, lead_end) and
+def _query_tile_ranges(t0, t1, kv_len, left_end, right_start, n_full, PATTERN: tl.constexpr, RADIUS: tl.constexpr,
+                       SBLOCK: tl.constexpr, NUM_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key-tile ranges of query rows [t0, t1) for the forward and dq kernels: masked [0, lead_end) and
     [a0, i0), fully visible far-left [i0, f0), near [f0, f1), far-right [f1, i1), masked [i1, e1).
     Dense: everything below n_full is visible (the one partial tile is the callers' business)."""
     if PATTERN == DENSE:
-        zero = m0 * 0
+        zero = t0 * 0
         return zero, zero, zero, left_end, right_start, n_full, n_full  # _key_regions keeps these in [0, n_full]
     else:
-        lead_end, a0, i0, i1, e1 = _sparse_ranges(m0, kv_len, n_full, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL,
-                                                  BLOCK_M, BLOCK_N)
+        lead_end, a0, i0, i1, e1 = _sparse_ranges(t0, t1, kv_len, n_full, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL,
+                                                  BLOCK_N)
         f0 = tl.minimum(tl.maximum(left_end, i0), i1)
         f1 = tl.minimum(tl.maximum(right_start, f0), i1)
         return lead_end, a0, i0, f0, f1, i1, e1
@@ -387,8 +388,8 @@ def _fwd_kernel(
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
     bias_row, c_left, c_right = _head_bias(BiasLUT, h, lut_w, HAS_BIAS, REACH, PATTERN)
 
-    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(t0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
-                                                          SBLOCK, NUM_GLOBAL, BLOCK_M, BLOCK_N)
+    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(t0, m0 + BLOCK_M, kv_len, left_end, right_start, n_full,
+                                                          PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -616,8 +617,8 @@ def _bwd_dq_kernel(
     left_end, right_start, n_full, hi = _key_regions(m0, q_offset, kv_len, DIST, CAUSAL, BLOCK_M, BLOCK_N)
     bias_row, c_left, c_right = _head_bias(BiasLUT, h, lut_w, HAS_BIAS, REACH, PATTERN)
 
-    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(t0, kv_len, left_end, right_start, n_full, PATTERN, RADIUS,
-                                                          SBLOCK, NUM_GLOBAL, BLOCK_M, BLOCK_N)
+    lead_end, a0, i0, f0, f1, i1, e1 = _query_tile_ranges(t0, m0 + BLOCK_M, kv_len, left_end, right_start, n_full,
+                                                          PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_left = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -790,8 +791,8 @@ def _bwd_dkdv_kernel(
             i1 = q_len
             e1 = q_len
         else:  # the query tiles that see this key tile (both patterns are symmetric); padded rows have lse = +inf
-            lead_end, a0, i0, i1, e1 = _sparse_ranges(t0, kv_len, tl.cdiv(kv_len, BLOCK_M) * BLOCK_M, PATTERN,
-                                                      RADIUS, SBLOCK, NUM_GLOBAL, BLOCK_N, BLOCK_M)
+            lead_end, a0, i0, i1, e1 = _sparse_ranges(t0, n0 + BLOCK_N, kv_len, tl.cdiv(kv_len, BLOCK_M) * BLOCK_M,
+                                                      PATTERN, RADIUS, SBLOCK, NUM_GLOBAL, BLOCK_M)
         right_end = tl.minimum(tl.maximum(right_end, i0), i1)
         left_start = tl.minimum(tl.maximum(left_start, right_end), i1)
         if PATTERN == LOCAL:  # every query tile reads the window's bias row (see the forward)
@@ -841,11 +842,11 @@ def _bwd_dkdv_kernel(
 # the kernels above, the query tile (forward, dq) or key tile (dk/dv) holding them would walk the
 # whole sequence alone: at 1M tokens that one program per head is most of the run. They are done
 # here instead, split over the other axis into chunks of tiles, one program per (chunk, batch x
-# head, tile); torch merges the chunks (softmax partials in the forward, plain sums in the
-# backward). The forward takes the global rows alone (the main forward computes the other rows
-# of their tiles), so its chunks run the dense loops. The backward's tiles are the main kernels'
-# skipped ones, global and not: every tile there is masked (bias gathered per score, the
-# pattern's predicate applied), so their rows that are not global still see exactly their block.
+# head, tile), then merged in a fixed order (the forward's softmax partials by
+# _merge_global_rows_kernel, the backward's by plain torch sums). The split kernels take the
+# global rows (forward, dq) or keys (dk/dv) alone, in tiles of next_power_of_2(num_global), and
+# run the dense loops over each chunk, since every key or query is visible to them; the main
+# kernels compute the other rows or keys of the tiles that hold them.
 
 
 @triton.jit
@@ -1260,7 +1261,7 @@ _INTERPRET = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32),  # unequal, lik
 # (bench/results/sweep-2026-11-29-s8-side.json; transient-global visible-score TFLOP/s, forward
 # 331.5 -> 352.1, forward+backward 150.7 -> 156.8 (dq) and 155.2 (dk/dv), each against 4 warps and
 # 2 stages, the configs until then); global_fwd keeps those, its rows capped at the global rows'
-# next power of two (_global_fwd_tile: 16 rows for 16 global rows).
+# next power of two (_global_tile: 16 rows for 16 global rows).
 _TILES = {
     # The H200 sweep (bench/results/sweep-2026-11-29-s5-occupancy.txt): a 128x64 forward capped at
     # 128 registers holds 2 blocks per SM (1 uncapped) and beat 64x64 by 1-6%; dq capped at 128
@@ -1734,7 +1735,7 @@ def _global_tile(kind: str, num_global: int, fp32: bool) -> tuple[int, int]:
 
 
 def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bias, reach, pattern, fp32):
-    """Out and lse of the query tiles holding the global rows: split over keys, merged in torch."""
+    """Out and lse of the global rows, in place: split over keys, then merged by one kernel."""
     batch, heads, length, dim = q.shape
     block_m, block_n = _global_tile("global_fwd", pattern.num_global, fp32)
     n_tiles = triton.cdiv(min(pattern.num_global, length), block_m)

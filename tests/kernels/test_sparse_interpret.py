@@ -220,8 +220,11 @@ def test_key_length_zero_gives_zero_rows_and_no_gradient():
 def _ranges_probe(Out, length, n_full, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
                   NUM_GLOBAL: tl.constexpr, T: tl.constexpr, U: tl.constexpr):
     t = tl.program_id(0)
-    lead_end, a0, i0, i1, e1 = flash_mod._sparse_ranges(t * T, length, n_full, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL,
-                                                        T, U)
+    t0 = t * T
+    if PATTERN == 2:  # block: the global positions are the split kernels' (the main kernels' t0)
+        t0 = tl.maximum(t0, NUM_GLOBAL)
+    lead_end, a0, i0, i1, e1 = flash_mod._sparse_ranges(t0, t * T + T, length, n_full, PATTERN, RADIUS, SBLOCK,
+                                                        NUM_GLOBAL, U)
     tl.store(Out + t * 5 + 0, lead_end)
     tl.store(Out + t * 5 + 1, a0)
     tl.store(Out + t * 5 + 2, i0)
@@ -239,7 +242,9 @@ def _ranges_probe(Out, length, n_full, PATTERN: tl.constexpr, RADIUS: tl.constex
 @pytest.mark.parametrize("T,U", [(32, 16), (16, 32), (64, 64)])
 def test_tile_ranges_cover_each_visible_pair_once_and_only_tiles_with_one(pattern, params, T, U):
     """The spec of _sparse_ranges: every visible pair lies in exactly one visited tile; tiles run
-    without a mask are wholly visible and below n_full; every visited tile holds a visible pair."""
+    without a mask are wholly visible and below n_full; every visited tile holds a visible pair.
+    block: for the tile's positions past the global ones, as the main kernels ask (the global
+    rows and keys are the split kernels', tested with the kernels below)."""
     length = 203
     n_full = (length // U) * U
     tiles = triton.cdiv(length, T)
@@ -248,8 +253,11 @@ def test_tile_ranges_cover_each_visible_pair_once_and_only_tiles_with_one(patter
                             RADIUS=params.get("local_radius", 0), SBLOCK=params.get("block_size", 1),
                             NUM_GLOBAL=params.get("num_global", 0), T=T, U=U)
     visible = sparse_visible(length, pattern, **params)
+    first = params.get("num_global", 0) if pattern == "block" else 0
     for t, (lead_end, a0, i0, i1, e1) in enumerate(out.view(tiles, 5).tolist()):
-        rows = slice(t * T, min(t * T + T, length))
+        rows = slice(max(t * T, first), min(t * T + T, length))
+        if rows.start >= rows.stop:  # a tile of global positions only: the main kernels skip it
+            continue
         assert 0 <= lead_end <= a0 <= i0 <= i1 <= e1 and i1 <= max(n_full, i0)
         covered = torch.zeros(length, dtype=torch.int32)
         for start, end, masked in ((0, lead_end, True), (a0, i0, True), (i0, i1, False), (i1, e1, True)):
