@@ -5,12 +5,15 @@
 
 For dense flash and each sparse mode (bf16, 12 heads, d 64, batch 1, the benchmarks'
 parameters), forward and forward+backward with the T5 bias: the host's time to enqueue one
-call (GPU idle before it), the GPU's kernel time per call, and the calls that synchronise
-with the GPU (torch.cuda.set_sync_debug_mode("warn") during one call). Then a cProfile of one
-forward+backward per mode, its functions by own time in microseconds (pstats prints
-milliseconds to three places, too coarse here). A call whose host time exceeds its GPU time
-is bound by launches at that length: attention alone is not CUDA-graphed.
-A diagnosis tool; the benchmark is bench_attention.py.
+call (GPU idle before it), the wall time per call back to back, and the calls that synchronise
+with the GPU (torch.cuda.set_sync_debug_mode("warn") during one call). Then, per mode, one
+forward+backward's Python functions by own time in µs (cProfile; pstats prints milliseconds to
+three places, too coarse here) and its torch ops by self CPU time (torch.profiler, warmed up
+first: its first active step inflates every op). cProfile's own time for the custom ops'
+`backend_impl` (1.5-3 ms in the twelfth session) is not found by direct timing
+(tools/custom_op_cost.py): read it as time the thread spent waiting, not computing. When the
+host time is near the wall time, the call is bound by launches at that length: attention alone
+is not CUDA-graphed. A diagnosis tool; the benchmark is bench_attention.py.
 """
 from __future__ import annotations
 
