@@ -53,13 +53,17 @@ def torch_sparse(q, k, v, table, pattern, lengths, num_buckets, max_distance, pa
 
 
 def run_and_compare(pattern, B, H, L, D, lengths, *, dtype=torch.float32, tol=FP32_TOL, num_buckets=32,
-                    max_distance=128, seed=0, **params):
-    """Kernel output and gradients of q, k, v, table vs the dense masked and the torch blocked references."""
+                    max_distance=128, seed=0, heads_last=False, **params):
+    """Kernel output and gradients of q, k, v, table vs the dense masked and the torch blocked references.
+    heads_last: q, k, v are [B, H, L, D] views of [B, L, H, D] memory, as a model's projections (the
+    outputs then come in that memory too, written through their strides)."""
     g = torch.Generator().manual_seed(seed)
     q64, k64, v64 = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
     table64 = torch.randn(num_buckets, H, generator=g, dtype=torch.float64) * 3
     # The references see the kernel's (rounded) inputs, in float64.
     leaves = [t.to(dtype).requires_grad_() for t in (q64, k64, v64, table64)]
+    if heads_last:
+        leaves[:3] = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in leaves[:3]]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     kl = torch.tensor(lengths)
     dense = reference_sparse(*leaves64, pattern, key_lengths=kl, num_buckets=num_buckets, max_distance=max_distance,
@@ -182,6 +186,16 @@ def test_block_global_rows_and_keys_split_into_many_chunks(monkeypatch, block_si
     monkeypatch.setattr(flash_mod, "GLOBAL_MIN_CHUNK", 16)
     run_and_compare("block", 2, 2, 230, 16, [230, 97], block_size=block_size, num_global=num_global,
                     seed=block_size + num_global)
+
+
+@pytest.mark.parametrize("pattern,params", [("local", dict(local_radius=9)),
+                                            ("block", dict(block_size=40, num_global=20))])
+def test_q_k_v_in_a_models_memory(monkeypatch, pattern, params):
+    # A model's q, k, v are [B, H, L, D] views of [B, L, H, D] projections, and the outputs (out,
+    # dq, dk, dv) take that memory layout; block's global rows are split into several chunks, so
+    # their merge writes through those strides.
+    monkeypatch.setattr(flash_mod, "GLOBAL_MIN_CHUNK", 16)
+    run_and_compare(pattern, 2, 3, 150, 16, [150, 61], heads_last=True, seed=21, **params)
 
 
 def test_block_global_rows_run_far_and_near_tiles_over_every_key(monkeypatch):
