@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from bench_model import FLAN_T5_BASE, measure, write_record  # tools/ is on the path when run as a script
+from profile_model import cuda_events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +38,7 @@ def gpu_busy_ms(step) -> float:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in events) / 1e3
+    return sum(e.self_device_time_total for e in cuda_events(prof)) / 1e3
 
 
 def main() -> int:

@@ -17,19 +17,12 @@ import argparse
 import time
 
 import torch
+from profile_attention import host_ms  # tools/ is on the path when run as a script
 
 
-def host_us(fn, calls: int = 8, rounds: int = 5) -> float:
-    """Median over rounds of the host time per call for `calls` calls (the queue stays short)."""
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
+def host_us(fn) -> float:
+    """Median host µs per call (profile_attention.host_ms: 8 calls a round, 5 rounds)."""
+    return host_ms(fn, calls=8, rounds=5) * 1e3
 
 
 def plain_function(pattern):

@@ -79,22 +79,31 @@ def main() -> int:
     return 0
 
 
-def host_and_wall(call, steps: int, host_steps: int = 4) -> tuple[float, float]:
-    """(host ms to enqueue one call, wall ms per call back to back). The host figure comes from
-    `host_steps` calls only: more would fill the launch queue (~1000 launches), and the host would
-    then wait for the GPU. Measured before the profiler runs (its hooks slow the host)."""
+def host_ms(call, calls: int = 4, rounds: int = 3) -> float:
+    """Host ms to enqueue one call, the GPU idle before each round: the median over `rounds` of
+    `calls` calls each. Few calls per round: more would fill the launch queue (~1000 launches),
+    and the host would then wait for the GPU."""
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - start) / calls * 1e3)
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(host_steps):
-        call()
-    host = (time.perf_counter() - start) / host_steps
+    return sorted(times)[len(times) // 2]
+
+
+def host_and_wall(call, steps: int) -> tuple[float, float]:
+    """(host ms to enqueue one call, wall ms per call back to back). Measured before the profiler
+    runs (its hooks slow the host)."""
+    host = host_ms(call)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         call()
     torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / steps
-    return host * 1e3, wall * 1e3
+    return host, (time.perf_counter() - start) / steps * 1e3
 
 
 if __name__ == "__main__":

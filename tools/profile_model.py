@@ -35,9 +35,14 @@ def build(attention: str):
     return model.to(device="cuda", dtype=torch.bfloat16).eval()
 
 
-def table(prof, rows: int, title: str, steps: int = 1) -> None:
+def cuda_events(prof) -> list:
+    """The profiler's CUDA kernels (and memsets, copies), by total time, longest first."""
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    events.sort(key=lambda e: -e.self_device_time_total)
+    return sorted(events, key=lambda e: -e.self_device_time_total)
+
+
+def table(prof, rows: int, title: str, steps: int = 1) -> None:
+    events = cuda_events(prof)
     total = sum(e.self_device_time_total for e in events)
     count = sum(e.count for e in events)
     print(f"\n== {title}: {total / 1e3 / steps:.2f} ms GPU per step, {count / steps:.0f} kernels per step")
