@@ -25,13 +25,14 @@ one K/V row (beam search: the K beams of an input read the same encoder K/V, sto
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .bucket import bucket_lut, lut_lookup
+from .launch import interpreting as _interpreting
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128  # bounds the partial buffers and the combine loop
@@ -138,10 +139,6 @@ def _combine_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -243,8 +240,8 @@ def decode_attention(
         out = _new(q.shape, q.dtype, q.device)
     has_bias = bias_lut is not None
     warps = 4 if head_dim <= 64 else 8
-    _split_kernel[(num_splits, batch * heads, seqlen_q)](
-        q, k, v, bias_lut if has_bias else part_m, key_lengths, part_m, part_l, part_acc,
+    launch(
+        _split_kernel, (num_splits, batch * heads, seqlen_q), q, k, v, bias_lut if has_bias else part_m, key_lengths, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -252,8 +249,8 @@ def decode_attention(
         HAS_BIAS=has_bias, CAUSAL=causal, MAX_DISTANCE=max_distance if has_bias else 1,
         HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=warps,
     )
-    _combine_kernel[(batch * heads, seqlen_q)](
-        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), out.stride(2),
+    launch(
+        _combine_kernel, (batch * heads, seqlen_q), part_m, part_l, part_acc, out, out.stride(0), out.stride(1), out.stride(2),
         heads, seqlen_q, num_splits, HEAD_DIM=head_dim, SPLIT_CHUNK=SPLIT_CHUNK, num_warps=warps,
     )
     return out

@@ -39,12 +39,10 @@ import triton
 import triton.language as tl
 
 from .bucket import bucket_lut, bucket_reach, lut_gather, lut_gather_pairs, lut_lookup
+from .launch import interpreting as _interpreting
+from .launch import launch
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1373,7 +1371,7 @@ def _launch(kind: str, grid: tuple, fp32: bool, *args, pattern: int = 0, **kwarg
         return
     options = launch_config(kind, fp32, pattern)[2:]
     if not _autotune_enabled() or _tile_override(kind):  # the default first: no second env parse per launch
-        kernel[grid](*args, **_launch_options(options), **kwargs)
+        launch(kernel, grid, *args, **_launch_options(options), **kwargs)
         return
     family = _family(fp32)
     _TUNED_USED.add((kind, family, options))
@@ -1438,8 +1436,8 @@ def _bias_row(table: torch.Tensor, bucket_lut_: torch.Tensor, reach: int, lut_w:
     window (window >= 0). One launch, straight from the [num_buckets, H] table."""
     heads = table.shape[1]
     bias_lut = torch.empty((heads, 2 * lut_w + 1, 2), dtype=torch.float32, device=table.device)
-    _bias_lut_kernel[(heads,)](table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, lut_w, REACH=reach,
-                               WINDOW=window, CHUNK=256 if _interpreting() else 1024)
+    launch(_bias_lut_kernel, (heads,), table, table.stride(0), table.stride(1), bucket_lut_, bias_lut, lut_w,
+           REACH=reach, WINDOW=window, CHUNK=256 if _interpreting() else 1024)
     return bias_lut
 
 
@@ -1689,8 +1687,8 @@ def _row_delta(out, do, lay: _Layout, cu_q) -> torch.Tensor:
     """delta = rowsum(dO * O) fp32, in lse's shape: the softmax backward's row term."""
     delta = _new(lay.lse_shape, torch.float32, out.device)
     block = 64 if lay.head_dim <= 64 else 32
-    _bwd_delta_kernel[(triton.cdiv(lay.seqlen_q, block), lay.batch * lay.heads)](
-        out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
+    launch(
+        _bwd_delta_kernel, (triton.cdiv(lay.seqlen_q, block), lay.batch * lay.heads), out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
         lay.heads, lay.seqlen_q, IS_VARLEN=lay.varlen, HEAD_DIM=lay.head_dim, BLOCK_M=block,
     )
     return delta
@@ -1720,10 +1718,8 @@ def _global_chunk(length: int, tile_len: int, tiles: int) -> int:
 
 def _launch_side(kernel, kind: str, fp32: bool, grid: tuple, *args, **kwargs):
     """Launch a side_* kernel (no autotune) with its launch_config's warps, stages and register cap."""
-    if _interpreting():
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **_launch_options(launch_config(kind, fp32)[2:]), **kwargs)
+    options = {} if _interpreting() else _launch_options(launch_config(kind, fp32)[2:])
+    launch(kernel, grid, *args, **options, **kwargs)
 
 
 def _global_tile(kind: str, num_global: int, fp32: bool) -> tuple[int, int]:
@@ -1754,8 +1750,8 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     real = min(pattern.num_global, length)  # the main kernel wrote the rest of its tiles
-    _merge_global_rows_kernel[(batch * heads, real)](
-        part_m, part_l, part_acc, out, lse, key_lengths if key_lengths is not None else _dummy(q.device),
+    launch(
+        _merge_global_rows_kernel, (batch * heads, real), part_m, part_l, part_acc, out, lse, key_lengths if key_lengths is not None else _dummy(q.device),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), heads, length, n_chunks, rows,
         HAS_KEYLENS=key_lengths is not None, HEAD_DIM=dim, CHUNKS=triton.next_power_of_2(n_chunks),
         CHUNK_BLOCK=min(32, triton.next_power_of_2(n_chunks)),

@@ -9,7 +9,13 @@ torch launch; `t5core.kernels.flash.forward/backward` called directly and throug
 ops (`torch.ops.t5core.flash_attention_fwd/bwd`, what flash_attention and sparse_attention
 use); and the forward and `torch.autograd.backward` under autograd, once through the custom
 ops' registered autograd and once through a plain `torch.autograd.Function` around the same
-two functions (as transient-global's). A diagnosis tool (tools/host_overhead.py: per mode).
+two functions (as transient-global's). Then where `torch.autograd.backward`'s time goes beyond
+the backward function: the time spent inside that function (timed from within the autograd
+engine's thread), the same call with the engine's device threads off
+(`torch.autograd.set_multithreading_enabled(False)`: it runs on the calling thread), and a
+Function whose backward launches nothing. Last, one Triton launch through the JIT's `run` against
+the compiled kernel's launcher called directly (what a launch costs beyond binding its
+arguments). A diagnosis tool (tools/host_overhead.py: per mode).
 """
 from __future__ import annotations
 
@@ -43,6 +49,42 @@ def plain_function(pattern):
                                   pattern, True)
 
     return Plain.apply
+
+
+def timed_function(pattern, inside: list):
+    """plain_function's Function, appending the µs its backward spends inside flash.backward to `inside`."""
+    from t5core.kernels import flash
+
+    class Timed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, table):
+            out, lse = flash.forward(q, k, v, table, None, None, None, 0, 0, True, 32, 128, False, 0, pattern)
+            ctx.save_for_backward(q, k, v, table, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            start = time.perf_counter()
+            q, k, v, table, out, lse = ctx.saved_tensors
+            grads = flash.backward(dout, q, k, v, out, lse, table, None, None, None, 0, 0, True, 32, 128, False, 0,
+                                   pattern, True)
+            inside.append((time.perf_counter() - start) * 1e6)
+            return grads
+
+    return Timed.apply
+
+
+class _Nothing(torch.autograd.Function):
+    """Backward returns ready gradients: the engine's own cost for one node and four leaves."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table):
+        ctx.grads = tuple(torch.zeros_like(x) for x in (q, k, v, table))
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, dout):
+        return ctx.grads
 
 
 def backward_us(forward, dout, leaves) -> float:
@@ -103,7 +145,46 @@ def main() -> int:
                 torch.autograd.backward(forward(), do)
             report(name, f"fwd, {label}", host_us(forward))
             report(name, f"backward(), {label}", backward_us(forward, do, leaves))
+        inside: list = []
+        timed = timed_function(pat, inside)
+        for _ in range(3):
+            torch.autograd.backward(timed(*leaves), do)
+        inside.clear()
+        report(name, "backward(), timed Function", backward_us(lambda: timed(*leaves), do, leaves))
+        report(name, "  of which inside backward", sorted(inside)[len(inside) // 2])
+        with torch.autograd.set_multithreading_enabled(False):
+            inside.clear()
+            report(name, "backward(), one thread", backward_us(lambda: timed(*leaves), do, leaves))
+            report(name, "  of which inside backward", sorted(inside)[len(inside) // 2])
+        for label, fn in (("custom op", forwards["custom op"]), ("nothing", lambda: _Nothing.apply(*leaves))):
+            with torch.autograd.set_multithreading_enabled(False):
+                report(name, f"backward(), one thread, {label}", backward_us(fn, do, leaves))
+        report(name, "backward(), nothing", backward_us(lambda: _Nothing.apply(*leaves), do, leaves))
+    launch_direct(table, tables, report)
     return 0
+
+
+def launch_direct(table, tables, report) -> None:
+    """The bias-row kernel launched through the JIT against through its compiled kernel's launcher."""
+    from t5core.kernels import flash
+
+    heads, lut_w = table.shape[1], 256
+    out = torch.empty((heads, 2 * lut_w + 1, 2), dtype=torch.float32, device=table.device)
+    args = (table, table.stride(0), table.stride(1), tables.lut, out, lut_w)
+    consts = dict(REACH=tables.reach, WINDOW=-1, CHUNK=1024)
+    jit = lambda: flash._bias_lut_kernel[(heads,)](*args, **consts)  # noqa: E731
+    compiled = jit()
+    stream = torch.cuda.current_stream().cuda_stream
+    every = (*args, *consts.values())
+    direct = lambda: compiled.run(heads, 1, 1, stream, compiled.function, compiled.packed_metadata, None,  # noqa: E731
+                                  None, None, *every)
+    report("", "Triton launch, JIT run", host_us(jit))
+    report("", "Triton launch, launcher", host_us(direct))
+    expected = out.clone()
+    out.zero_()
+    direct()
+    torch.cuda.synchronize()
+    print("direct launch writes the JIT's result:", torch.equal(out, expected))
 
 
 if __name__ == "__main__":

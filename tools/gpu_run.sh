@@ -11,6 +11,7 @@
 #   AB_FILES=... STEPS="ab_sparse" bash tools/gpu_run.sh   # sparse modes (SPARSE_AB_ARGS) on this tree and each candidate
 #   STEPS="floor" bash tools/gpu_run.sh   # the `local` forward against the floors of its tile schedule
 #   STEPS="train" bash tools/gpu_run.sh   # a flan-t5-base training step per attention mode against transformers
+#   STEPS="host" bash tools/gpu_run.sh    # host time per attention call (host_overhead.py, custom_op_cost.py)
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
 # so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
 # compiling kernel variants on the host, so they run in XDIST parallel pytest workers
@@ -80,7 +81,8 @@ for s in ${STEPS:-tests attention model generate}; do
              --peer-max-length 16384 --basic-max-length 16384 --out "$OUT" ;;
     generate) step bench_generate ${T_GENERATE:-150} python3 tools/bench_generate.py \
              --sizes 1x512,1x8192,1x32768,32x512 --budget-s 120 --out "$OUT" ;;
-    train) step bench_train ${T_TRAIN:-250} python3 tools/bench_train.py --out "$OUT" ;;
+    train) step bench_train ${T_TRAIN:-250} python3 tools/bench_train.py --out "$OUT" ${TRAIN_ARGS:-}
+        in_candidates train ${T_TRAIN:-250} python3 tools/bench_train.py --out "$OUT/train-NAME" ${TRAIN_ARGS:-} ;;
     sparse_tests) step sparse_gpu_tests ${T_SPARSE_TESTS:-300} python3 -m pytest -m gpu \
              tests/kernels/test_sparse_gpu.py -q -p no:cacheprovider -rs $PAR --durations=12 ;;
     sparse_attention) step bench_sparse_attention ${T_SPARSE_ATTENTION:-360} python3 tools/bench_attention.py \
@@ -103,6 +105,9 @@ for s in ${STEPS:-tests attention model generate}; do
         step sparse_this ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-this.json" $sparse_args
         in_candidates sparse ${T_AB:-150} python3 tools/bench_attention.py --sparse --out "$OUT/sparse-NAME.json" \
                  $sparse_args ;;
+    host) step host_overhead ${T_HOST:-150} python3 tools/host_overhead.py ${HOST_ARGS:-}
+          step custom_op_cost ${T_HOST:-150} python3 tools/custom_op_cost.py ${COST_ARGS:-}
+          in_candidates host_overhead ${T_HOST:-150} python3 tools/host_overhead.py ${HOST_ARGS:-} ;;
     floor) step local_floor ${T_FLOOR:-120} python3 tools/local_floor.py --out "$OUT/floor.json" ${FLOOR_ARGS:-} ;;
     ab_pytest) in_candidates pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR \
                  ${PYTEST_ARGS:-tests} ;;
