@@ -11,11 +11,15 @@ t5core loads), bf16, dropout 0, batch x L as given. Per size: the median step ti
 torch.profiler) and peak memory, for t5core in each --modes and transformers eager and sdpa
 (up to --peer-max-length). A step whose time is well above its GPU time is bound by the host
 (launches and Python), not by the GPU. The sparse modes apply to the encoder only.
+--backward-on-caller runs every backward (t5core's and transformers') with the autograd engine's
+device threads off (`torch.autograd.set_multithreading_enabled(False)`): the graph then runs on
+the calling thread, not handed to the engine's CUDA worker thread.
 Writes JSON under bench/results/ (and $OUT) and prints a table last.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 import tempfile
@@ -55,6 +59,8 @@ def main() -> int:
     parser.add_argument("--decoder-tokens", type=int, default=128)
     parser.add_argument("--peer-max-length", type=int, default=4096, help="skip transformers beyond this length")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--backward-on-caller", action="store_true",
+                        help="backward on the calling thread (set_multithreading_enabled(False))")
     args = parser.parse_args()
 
     device = "cuda"
@@ -68,6 +74,11 @@ def main() -> int:
                 warnings.simplefilter("ignore", InitialisedWeightsWarning)
                 models[mode] = load_checkpoint(folder, dtype=torch.bfloat16, device=device, attention=mode).train()
     reference = reference.to(device=device, dtype=torch.bfloat16).train()
+
+    def backward(loss):
+        with (torch.autograd.set_multithreading_enabled(False) if args.backward_on_caller
+              else contextlib.nullcontext()):
+            loss.backward()
 
     rows = []
     for size in args.sizes.split(","):
@@ -91,7 +102,7 @@ def main() -> int:
 
             def step(model=model):
                 model.zero_grad(set_to_none=True)
-                model(ids, mask, labels=labels).loss.backward()
+                backward(model(ids, mask, labels=labels).loss)
 
             timed(f"t5core_{mode}", model, step)
         for impl in ("eager", "sdpa"):
@@ -101,7 +112,7 @@ def main() -> int:
 
             def peer_step():
                 reference.zero_grad(set_to_none=True)
-                reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+                backward(reference(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
             timed(f"transformers_{impl}", reference, peer_step)
         rows.append(row)
@@ -113,6 +124,7 @@ def main() -> int:
                      "transformers": transformers.__version__},
         "model": "flan-t5-base shape, random weights, bf16, train mode, dropout 0",
         "step": "forward with labels, loss, backward (no optimizer)", "decoder_tokens": args.decoder_tokens,
+        "backward_on_caller": args.backward_on_caller,
         "rows": rows,
     }
     write_record(record, args.out, f"train-{record['date']}.json")
