@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .bucket import bucket_lut, lut_lookup
 from .launch import interpreting as _interpreting
-from .launch import launch
+from .launch import cdiv, launch
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128  # bounds the partial buffers and the combine loop
@@ -156,8 +156,8 @@ def choose_num_splits(batch: int, heads: int, seqlen_q: int, max_keys: int, devi
     57.2 us with 128 (tools/profile_model.py --splits); batch 32 with 512 keys gets 3.
     """
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-    tiles = triton.cdiv(max(max_keys, 1), _block_n(0))
-    want = triton.cdiv(8 * sms, batch * heads * seqlen_q)
+    tiles = cdiv(max(max_keys, 1), _block_n(0))
+    want = cdiv(8 * sms, batch * heads * seqlen_q)
     return max(1, min(want, tiles, MAX_SPLITS))
 
 
@@ -231,8 +231,8 @@ def decode_attention(
     block_n = _block_n(head_dim)
     if num_splits is None:
         num_splits = choose_num_splits(batch, heads, seqlen_q, max_keys, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(max(max_keys, 1), num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max(max_keys, 1), keys_per_split)  # no split that starts past the buffer
+    keys_per_split = cdiv(cdiv(max(max_keys, 1), num_splits), block_n) * block_n
+    num_splits = cdiv(max(max_keys, 1), keys_per_split)  # no split that starts past the buffer
     part_m = _new((batch, heads, seqlen_q, num_splits), torch.float32, q.device)
     part_l = _new(part_m.shape, torch.float32, q.device)
     part_acc = _new((batch, heads, seqlen_q, num_splits, head_dim), torch.float32, q.device)

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .bucket import bucket_lut, bucket_reach, lut_gather, lut_gather_pairs, lut_lookup
 from .launch import interpreting as _interpreting
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -1391,7 +1391,7 @@ _TUNED_USED: set = set()
 
 
 def _tune_len(n: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), 1 << 17)
+    return min(next_power_of_2(max(n, 1)), 1 << 17)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1416,7 +1416,7 @@ def _bucket_tables(bidirectional: bool, num_buckets: int, max_distance: int, dev
     lut = bucket_lut(bidirectional, num_buckets, max_distance)[max_distance - reach:max_distance + reach + 1]
     starts = [0] + [i for i in range(1, lut.numel()) if lut[i] != lut[i - 1]]  # indices where a run begins
     n_runs = len(starts)
-    width = triton.next_power_of_2(num_buckets)
+    width = next_power_of_2(num_buckets)
     if n_runs > width:  # a bucket function whose buckets are not contiguous runs of rel
         raise ValueError(f"{n_runs} runs of equal buckets for {num_buckets} buckets: not supported by the kernels")
     run_end = torch.full((width,), RUN_END_NONE, dtype=torch.int32)
@@ -1584,7 +1584,7 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     else:
         bias_lut, lut_w = _dummy(q.device, torch.float32), 0
     _launch(
-        "fwd", (triton.cdiv(lay.seqlen_q, block_m), lay.batch * lay.heads), fp32,
+        "fwd", (cdiv(lay.seqlen_q, block_m), lay.batch * lay.heads), fp32,
         q, k, v, out, lse, bias_lut,
         key_lengths if key_lengths is not None else dummy,
         cu_seqlens_q if lay.varlen else dummy, cu_seqlens_k if lay.varlen else dummy,
@@ -1639,7 +1639,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     else:
         bias_lut, lut_w = _dummy(q.device, torch.float32), 0
     if wants_dtable:  # per query block: the dS sum per run of equal buckets (_run_sums)
-        parts = torch.zeros((lay.batch, lay.heads, triton.cdiv(lay.seqlen_q, dq_m), tables.n_runs),
+        parts = torch.zeros((lay.batch, lay.heads, cdiv(lay.seqlen_q, dq_m), tables.n_runs),
                             dtype=torch.float32, device=q.device)
     else:
         parts = _dummy(q.device, torch.float32).view(1, 1, 1)
@@ -1648,7 +1648,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
     dk = _new_like(k)
     dv = _new_like(v)
     _launch(
-        "dq", (triton.cdiv(lay.seqlen_q, dq_m), bh), fp32,
+        "dq", (cdiv(lay.seqlen_q, dq_m), bh), fp32,
         q, k, v, do, dq, lse, delta, bias_lut, tables.run_end, parts, keylens, cu_q, cu_k,
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dq),
         *lay.lse_strides(lse), parts.stride(0), parts.stride(1), parts.stride(2),
@@ -1660,7 +1660,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         pattern=pattern.kind,
     )
     _launch(
-        "dkdv", (triton.cdiv(lay.seqlen_k, kv_n), bh), fp32,
+        "dkdv", (cdiv(lay.seqlen_k, kv_n), bh), fp32,
         q, k, v, do, dk, dv, lse, delta, bias_lut, keylens, cu_q, cu_k,
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *lay.strides(dk),
         *lay.strides(dv), *lay.lse_strides(lse),
@@ -1688,7 +1688,7 @@ def _row_delta(out, do, lay: _Layout, cu_q) -> torch.Tensor:
     delta = _new(lay.lse_shape, torch.float32, out.device)
     block = 64 if lay.head_dim <= 64 else 32
     launch(
-        _bwd_delta_kernel, (triton.cdiv(lay.seqlen_q, block), lay.batch * lay.heads), out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
+        _bwd_delta_kernel, (cdiv(lay.seqlen_q, block), lay.batch * lay.heads), out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
         lay.heads, lay.seqlen_q, IS_VARLEN=lay.varlen, HEAD_DIM=lay.head_dim, BLOCK_M=block,
     )
     return delta
@@ -1712,8 +1712,8 @@ def _global_chunk(length: int, tile_len: int, tiles: int) -> int:
     (short-axis tiles times batch and heads): as few chunks as give SPLIT_PROGRAMS programs (each
     chunk costs an fp32 partial of every tile, summed in torch), at most 128, at least
     GLOBAL_MIN_CHUNK positions (rounded up to whole tiles)."""
-    chunks = min(max(triton.cdiv(SPLIT_PROGRAMS, tiles), 1), 128)
-    return tile_len * triton.cdiv(max(triton.cdiv(length, chunks), GLOBAL_MIN_CHUNK), tile_len)
+    chunks = min(max(cdiv(SPLIT_PROGRAMS, tiles), 1), 128)
+    return tile_len * cdiv(max(cdiv(length, chunks), GLOBAL_MIN_CHUNK), tile_len)
 
 
 def _launch_side(kernel, kind: str, fp32: bool, grid: tuple, *args, **kwargs):
@@ -1727,17 +1727,17 @@ def _global_tile(kind: str, num_global: int, fp32: bool) -> tuple[int, int]:
     than the global ones need (at least 16, a dot's smallest): 16 global rows take one 16-row
     tile, not a 64-row one."""
     block_m, block_n = tile(kind, fp32)
-    return min(block_m, max(16, triton.next_power_of_2(num_global))), block_n
+    return min(block_m, max(16, next_power_of_2(num_global))), block_n
 
 
 def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bias, reach, pattern, fp32):
     """Out and lse of the global rows, in place: split over keys, then merged by one kernel."""
     batch, heads, length, dim = q.shape
     block_m, block_n = _global_tile("global_fwd", pattern.num_global, fp32)
-    n_tiles = triton.cdiv(min(pattern.num_global, length), block_m)
+    n_tiles = cdiv(min(pattern.num_global, length), block_m)
     rows = n_tiles * block_m
     chunk = _global_chunk(length, block_n, n_tiles * batch * heads)
-    n_chunks = triton.cdiv(length, chunk)
+    n_chunks = cdiv(length, chunk)
     part_m = torch.empty((n_chunks, batch * heads, rows), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((n_chunks, batch * heads, rows, dim), dtype=torch.float32, device=q.device)
@@ -1753,8 +1753,8 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
     launch(
         _merge_global_rows_kernel, (batch * heads, real), part_m, part_l, part_acc, out, lse, key_lengths if key_lengths is not None else _dummy(q.device),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), heads, length, n_chunks, rows,
-        HAS_KEYLENS=key_lengths is not None, HEAD_DIM=dim, CHUNKS=triton.next_power_of_2(n_chunks),
-        CHUNK_BLOCK=min(32, triton.next_power_of_2(n_chunks)),
+        HAS_KEYLENS=key_lengths is not None, HEAD_DIM=dim, CHUNKS=next_power_of_2(n_chunks),
+        CHUNK_BLOCK=min(32, next_power_of_2(n_chunks)),
     )
 
 
@@ -1783,10 +1783,10 @@ def _split_dkdv(q, k, v, do, lse, delta, bias_lut, lut_w, key_lengths, q_pos, fi
     fp32 = q.dtype == torch.float32
     block_m, block_n = tile("side_dkdv", fp32)
     if q_pos is None:  # `block`'s global keys alone (the main dk/dv kernel does the rest of their tile)
-        block_n = min(block_n, max(16, triton.next_power_of_2(first_keys)))
-    n_tiles = triton.cdiv(first_keys, block_n)
+        block_n = min(block_n, max(16, next_power_of_2(first_keys)))
+    n_tiles = cdiv(first_keys, block_n)
     cols, chunk = n_tiles * block_n, _global_chunk(length, block_m, n_tiles * batch * heads)
-    n_chunks = triton.cdiv(length, chunk)
+    n_chunks = cdiv(length, chunk)
     part_dk = torch.empty((n_chunks, batch * heads, cols, dim), dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
     q_pos_arg = q_pos if q_pos is not None else _dummy(q.device)
@@ -1820,9 +1820,9 @@ def _global_backward(q, k, v, do, lse, delta, dq, dk, dv, bias_lut, lut_w, table
     n_global = min(pattern.num_global, length)
 
     block_m, block_n = _global_tile("side_dq", pattern.num_global, fp32)
-    n_tiles = triton.cdiv(n_global, block_m)
+    n_tiles = cdiv(n_global, block_m)
     rows, chunk = n_tiles * block_m, _global_chunk(length, block_n, n_tiles * bh)
-    n_chunks = triton.cdiv(length, chunk)
+    n_chunks = cdiv(length, chunk)
     part_dq = torch.empty((n_chunks, bh, rows, dim), dtype=torch.float32, device=q.device)
     part_table = torch.zeros((n_chunks, bh, n_tiles, tables.n_runs), dtype=torch.float32, device=q.device)
     _launch_side(
@@ -1863,7 +1863,7 @@ def side_forward(q, side_k, side_v, side_lut, block_ids, side_lengths, out, lse)
     block_m, block_n = tile("side_fwd", fp32)
     block_ids = block_ids.contiguous()
     _launch_side(
-        _side_fwd_kernel, "side_fwd", fp32, (triton.cdiv(length, block_m), batch * heads),
+        _side_fwd_kernel, "side_fwd", fp32, (cdiv(length, block_m), batch * heads),
         q, side_k, side_v, out, lse, block_ids, side_lengths.contiguous(), side_lut.float().contiguous(),
         q.stride(0), q.stride(1), q.stride(2), side_k.stride(0), side_k.stride(1), side_k.stride(2),
         side_v.stride(0), side_v.stride(1), side_v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -1900,7 +1900,7 @@ def side_backward(do, q, side_k, side_v, lse, delta, dq_local, table, block_ids,
                lse.stride(0), lse.stride(1), block_ids.stride(0))
 
     block_m, block_n = tile("side_dq", fp32)
-    n_tiles = triton.cdiv(length, block_m)
+    n_tiles = cdiv(length, block_m)
     dq = _new_like(q)
     parts = torch.zeros((batch, heads, n_tiles, tables.n_runs), dtype=torch.float32, device=q.device)
     _launch_side(

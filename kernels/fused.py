@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -48,9 +48,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     half_weight = weight.dtype in (torch.float16, torch.bfloat16)
     out_dtype = weight.dtype if half_weight else torch.promote_types(weight.dtype, torch.float32)
     y = torch.empty((x2.shape[0], dim), dtype=out_dtype, device=x.device)
-    block = triton.next_power_of_2(dim)
+    block = next_power_of_2(dim)
     rows = max(1, min(16, 4096 // block))  # a few short rows per program
-    grid = (triton.cdiv(x2.shape[0], rows),)
+    grid = (cdiv(x2.shape[0], rows),)
     launch(_rms_norm_kernel, grid, x2, weight, y, x2.shape[0], dim, x2.stride(0), y.stride(0), eps,
            ROUND_TO_W=half_weight, BLOCK=block, ROWS=rows, num_warps=4 if block <= 2048 else 8)
     return y.view(*x.shape[:-1], dim)
@@ -77,5 +77,5 @@ def gated_gelu(a: Tensor, b: Tensor) -> Tensor:
     a, b = a.contiguous(), b.contiguous()
     y = torch.empty_like(a)
     block = 2048
-    launch(_gated_gelu_kernel, (triton.cdiv(a.numel(), block),), a, b, y, a.numel(), BLOCK=block, num_warps=8)
+    launch(_gated_gelu_kernel, (cdiv(a.numel(), block),), a, b, y, a.numel(), BLOCK=block, num_warps=8)
     return y

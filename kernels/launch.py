@@ -29,6 +29,16 @@ _OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
 _MAX_ENTRIES = 4096  # new lengths add entries (exact int values); a full cache is dropped, not evicted
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: triton.cdiv is a constexpr function, a few µs per host call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0, as triton's), for host code (see cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def interpreting() -> bool:
     """TRITON_INTERPRET=1: kernels run on the CPU through triton's interpreter (the CPU tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
