@@ -31,31 +31,12 @@ def host_us(fn) -> float:
     return host_ms(fn, calls=8, rounds=5) * 1e3
 
 
-def plain_function(pattern):
-    """A torch.autograd.Function around flash.forward/backward for `pattern`: autograd without the custom ops."""
+def plain_function(pattern, inside: list | None = None):
+    """A torch.autograd.Function around flash.forward/backward for `pattern`: autograd without the
+    custom ops. With `inside`, its backward appends the µs it spends (from within the engine's thread)."""
     from t5core.kernels import flash
 
     class Plain(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, table):
-            out, lse = flash.forward(q, k, v, table, None, None, None, 0, 0, True, 32, 128, False, 0, pattern)
-            ctx.save_for_backward(q, k, v, table, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, dout):
-            q, k, v, table, out, lse = ctx.saved_tensors
-            return flash.backward(dout, q, k, v, out, lse, table, None, None, None, 0, 0, True, 32, 128, False, 0,
-                                  pattern, True)
-
-    return Plain.apply
-
-
-def timed_function(pattern, inside: list):
-    """plain_function's Function, appending the µs its backward spends inside flash.backward to `inside`."""
-    from t5core.kernels import flash
-
-    class Timed(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, table):
             out, lse = flash.forward(q, k, v, table, None, None, None, 0, 0, True, 32, 128, False, 0, pattern)
@@ -68,10 +49,11 @@ def timed_function(pattern, inside: list):
             q, k, v, table, out, lse = ctx.saved_tensors
             grads = flash.backward(dout, q, k, v, out, lse, table, None, None, None, 0, 0, True, 32, 128, False, 0,
                                    pattern, True)
-            inside.append((time.perf_counter() - start) * 1e6)
+            if inside is not None:
+                inside.append((time.perf_counter() - start) * 1e6)
             return grads
 
-    return Timed.apply
+    return Plain.apply
 
 
 class _Nothing(torch.autograd.Function):
@@ -146,7 +128,7 @@ def main() -> int:
             report(name, f"fwd, {label}", host_us(forward))
             report(name, f"backward(), {label}", backward_us(forward, do, leaves))
         inside: list = []
-        timed = timed_function(pat, inside)
+        timed = plain_function(pat, inside)
         for _ in range(3):
             torch.autograd.backward(timed(*leaves), do)
         inside.clear()
