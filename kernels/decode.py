@@ -241,7 +241,8 @@ def decode_attention(
     has_bias = bias_lut is not None
     warps = 4 if head_dim <= 64 else 8
     launch(
-        _split_kernel, (num_splits, batch * heads, seqlen_q), q, k, v, bias_lut if has_bias else part_m, key_lengths, part_m, part_l, part_acc,
+        _split_kernel, (num_splits, batch * heads, seqlen_q),
+        q, k, v, bias_lut if has_bias else part_m, key_lengths, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -250,7 +251,8 @@ def decode_attention(
         HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=warps,
     )
     launch(
-        _combine_kernel, (batch * heads, seqlen_q), part_m, part_l, part_acc, out, out.stride(0), out.stride(1), out.stride(2),
+        _combine_kernel, (batch * heads, seqlen_q),
+        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), out.stride(2),
         heads, seqlen_q, num_splits, HEAD_DIM=head_dim, SPLIT_CHUNK=SPLIT_CHUNK, num_warps=warps,
     )
     return out

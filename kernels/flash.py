@@ -1688,7 +1688,8 @@ def _row_delta(out, do, lay: _Layout, cu_q) -> torch.Tensor:
     delta = _new(lay.lse_shape, torch.float32, out.device)
     block = 64 if lay.head_dim <= 64 else 32
     launch(
-        _bwd_delta_kernel, (cdiv(lay.seqlen_q, block), lay.batch * lay.heads), out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
+        _bwd_delta_kernel, (cdiv(lay.seqlen_q, block), lay.batch * lay.heads),
+        out, do, delta, cu_q, *lay.strides(out), *lay.strides(do), *lay.lse_strides(delta),
         lay.heads, lay.seqlen_q, IS_VARLEN=lay.varlen, HEAD_DIM=lay.head_dim, BLOCK_M=block,
     )
     return delta
@@ -1751,7 +1752,8 @@ def _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, has_bi
     )
     real = min(pattern.num_global, length)  # the main kernel wrote the rest of its tiles
     launch(
-        _merge_global_rows_kernel, (batch * heads, real), part_m, part_l, part_acc, out, lse, key_lengths if key_lengths is not None else _dummy(q.device),
+        _merge_global_rows_kernel, (batch * heads, real),
+        part_m, part_l, part_acc, out, lse, key_lengths if key_lengths is not None else _dummy(q.device),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), heads, length, n_chunks, rows,
         HAS_KEYLENS=key_lengths is not None, HEAD_DIM=dim, CHUNKS=next_power_of_2(n_chunks),
         CHUNK_BLOCK=min(32, next_power_of_2(n_chunks)),
