@@ -26,7 +26,6 @@ import torch
 import triton
 from triton.runtime import driver
 
-_OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
 _MAX_ENTRIES = 4096  # new lengths add entries (exact int values); a full cache is dropped, not evicted
 
 
@@ -62,7 +61,8 @@ _signatures: dict = {}
 
 def _tail(kernel, n_positional: int, kwargs: dict) -> tuple:
     """Values of the kernel's parameters after the first n_positional, in signature order: the
-    launcher takes every argument, constexprs included, as the JIT passes them."""
+    launcher takes every argument, constexprs included, as the JIT passes them. Launch options
+    (num_warps, ...) in kwargs are not parameters and are not read."""
     params = _signatures.get(kernel)
     if params is None:
         params = _signatures[kernel] = list(inspect.signature(kernel.fn).parameters.values())
@@ -99,9 +99,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         if entry is None and compiled is not None:
             if len(_cache) >= _MAX_ENTRIES:
                 _cache.clear()
-            options = {name for name in kwargs if name in _OPTIONS}
-            _cache[key] = _Entry(compiled, _tail(kernel, len(args), {k: v for k, v in kwargs.items()
-                                                                      if k not in options}))
+            _cache[key] = _Entry(compiled, _tail(kernel, len(args), kwargs))
         return
     compiled = entry.compiled
     stream = driver.active.get_current_stream(device)  # what the JIT launches on

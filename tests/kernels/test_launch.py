@@ -38,3 +38,4 @@ def test_every_specialisation_gets_its_own_key():
 def test_the_launcher_gets_constexprs_and_defaults_in_signature_order():
     assert launch_mod._tail(_kernel, 2, {"A": 5}) == (5, 3)
     assert launch_mod._tail(_kernel, 2, {"B": 7, "A": 5}) == (5, 7)
+    assert launch_mod._tail(_kernel, 2, {"A": 5, "num_warps": 4, "maxnreg": 128}) == (5, 3)  # options: not params
