@@ -399,17 +399,22 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
                                    kv_len, a0, split, m0, q_offset, offs_n, offs_d, NEAR, False, HAS_BIAS, CAUSAL,
                                    REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
-                                   kv_len, split, e1, m0, q_offset, offs_n, offs_d, NEAR, True, HAS_BIAS, CAUSAL,
-                                   REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        # The masked loop runs for the last windows only; the `if` skips its pipeline prologue (its
+        # first loads, issued before the trip count is known) everywhere else.
+        if split < e1:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                       kv_len, split, e1, m0, q_offset, offs_n, offs_d, NEAR, True, HAS_BIAS, CAUSAL,
+                                       REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:  # sparse boundary tiles before the visible run (leading keys, window start)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
                                        kv_len, 0, lead_end, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS, CAUSAL,
                                        REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
-                                       kv_len, a0, i0, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS, CAUSAL,
-                                       REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            if a0 < i0:  # empty where the window or block starts on a tile edge: no pipeline prologue
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                           0.0, kv_len, a0, i0, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS,
+                                           CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
+                                           NUM_GLOBAL)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, c_left,
                                    kv_len, i0, f0, m0, q_offset, offs_n, offs_d, FAR, False, HAS_BIAS, CAUSAL, REACH,
                                    FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
@@ -432,7 +437,7 @@ def _fwd_kernel(
                 acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                            0.0, kv_len, n_full, n_full + BLOCK_N, m0, q_offset, offs_n, offs_d, ANY,
                                            True, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        else:
+        elif i1 < e1:  # as a0 < i0 above
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
                                        kv_len, i1, e1, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS, CAUSAL,
                                        REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
@@ -443,7 +448,7 @@ def _fwd_kernel(
     if PATTERN != DENSE:
         empty = empty | (offs_m >= kv_len)
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element (each a ~10-instruction div.full)
     if PATTERN != DENSE:
         out = tl.where(empty[:, None], 0.0, out)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # base-2 logsumexp
@@ -1169,7 +1174,7 @@ def _side_fwd_kernel(
     w_local = tl.math.exp2(lse_local - m)
     w_side = tl.math.exp2(m_i - m)
     total = tl.where(merged, w_local + w_side * l_i, 1.0)
-    out = (out_local * w_local[:, None] + acc * w_side[:, None]) / total[:, None]
+    out = (out_local * w_local[:, None] + acc * w_side[:, None]) * (1.0 / total)[:, None]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=merged[:, None])
     tl.store(l_ptrs, m + tl.math.log2(total), mask=merged)
 

@@ -12,6 +12,7 @@
 #   STEPS="floor" bash tools/gpu_run.sh   # the `local` forward against the floors of its tile schedule
 #   STEPS="train" bash tools/gpu_run.sh   # a flan-t5-base training step per attention mode against transformers
 #   STEPS="host" bash tools/gpu_run.sh    # host time per attention call (host_overhead.py, custom_op_cost.py)
+#   STEPS="ncu" bash tools/gpu_run.sh     # Nsight Compute counters of the attention kernels (NCU_RUNS)
 # Outputs (logs, JSON) go under $OUT. Each step has its own time limit (T_<STEP> seconds),
 # so one slow or failing step does not stop the others. The GPU test steps are bound by Triton
 # compiling kernel variants on the host, so they run in XDIST parallel pytest workers
@@ -108,6 +109,20 @@ for s in ${STEPS:-tests attention model generate}; do
     host) step host_overhead ${T_HOST:-150} python3 tools/host_overhead.py ${HOST_ARGS:-}
           step custom_op_cost ${T_HOST:-150} python3 tools/custom_op_cost.py ${COST_ARGS:-}
           in_candidates host_overhead ${T_HOST:-150} python3 tools/host_overhead.py ${HOST_ARGS:-} ;;
+    ncu) ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+        mkdir -p /tmp/ncu
+        for spec in ${NCU_RUNS:-local:131072 block:131072 dense:32768}; do  # pattern:length, forward+backward
+          pattern=${spec%%:*}; length=${spec#*:}
+          step "ncu_$pattern" ${T_NCU:-120} "$ncu_bin" --clock-control none --set full \
+            -k regex:'^(_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel)$' --launch-skip 3 --launch-count 3 \
+            -o "/tmp/ncu/$pattern" -f python3 tools/ncu_attention.py --pattern "$pattern" --length "$length" --backward
+          "$ncu_bin" -i "/tmp/ncu/$pattern.ncu-rep" --page details > "/tmp/ncu/$pattern-details.txt" 2>&1
+          "$ncu_bin" -i "/tmp/ncu/$pattern.ncu-rep" --page source --csv --print-source sass \
+            > "/tmp/ncu/$pattern-sass.csv" 2>&1
+          grep -E "^  [_a-z]|Duration|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|L2 Cache Throughput" \
+            "/tmp/ncu/$pattern-details.txt" | head -60
+        done
+        (cd /tmp/ncu && tar czf "$OUT/ncu.tar.gz" ./*.txt ./*.csv) ;;
     floor) step local_floor ${T_FLOOR:-120} python3 tools/local_floor.py --out "$OUT/floor.json" ${FLOOR_ARGS:-} ;;
     ab_pytest) in_candidates pytest ${T_PYTEST:-200} python3 -m pytest -m gpu -q -p no:cacheprovider -rs $PAR \
                  ${PYTEST_ARGS:-tests} ;;
