@@ -351,7 +351,10 @@ def _fwd_kernel(
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
+    LEAD_N: tl.constexpr = 0,
 ):
+    # LEAD_N (block, 0 < LEAD_N < BLOCK_N): the width of the leading tile for query tiles whose blocks
+    # start past it, where it holds the NUM_GLOBAL global keys and nothing else visible.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -407,9 +410,19 @@ def _fwd_kernel(
                                        REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:  # sparse boundary tiles before the visible run (leading keys, window start)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
-                                       kv_len, 0, lead_end, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS, CAUSAL,
-                                       REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            narrow_lead = False
+            if LEAD_N > 0 and LEAD_N < BLOCK_N:
+                narrow_lead = (t0 // SBLOCK) * SBLOCK >= lead_end  # the tile's blocks start past the leading tile
+            if narrow_lead:  # the global keys alone, not a whole BLOCK_N tile of mostly hidden scores
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                           0.0, kv_len, 0, tl.cdiv(NUM_GLOBAL, LEAD_N) * LEAD_N, m0, q_offset,
+                                           tl.arange(0, LEAD_N), offs_d, ANY, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT,
+                                           BLOCK_M, LEAD_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            else:
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                           0.0, kv_len, 0, lead_end, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS,
+                                           CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
+                                           NUM_GLOBAL)
             if a0 < i0:  # empty where the window or block starts on a tile edge: no pipeline prologue
                 acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                            0.0, kv_len, a0, i0, m0, q_offset, offs_n, offs_d, ANY, True, HAS_BIAS,
@@ -1599,6 +1612,7 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         HAS_BIAS=table is not None, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, **pattern.constexprs(),
+        LEAD_N=min(block_n, max(16, next_power_of_2(pattern.num_global))) if pattern.kind == 2 else 0,
         pattern=pattern.kind,
     )
     if pattern.kind == 2 and pattern.num_global > 0:

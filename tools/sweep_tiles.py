@@ -143,6 +143,8 @@ def main():
     p.add_argument("--pattern", default="dense", choices=["dense", "local", "block", "transient-global"])
     p.add_argument("--only", default=None, choices=["fwd", "fwd_bwd", "dq"],
                    help="sweep one of the two lists only; dq: forward+backward over dq tiles only (sparse patterns)")
+    p.add_argument("--fwd-tiles", default=None, help="comma-separated forward configs (BMxBNxWARPSxSTAGES[xMAXNREG]) "
+                   "in place of the built-in list, e.g. 64x32x4x3,128x64x8x4x128")
     p.add_argument("--pick", default=None, help="write the best forward tile and the best dq and dk/dv tiles "
                    "(by the sum of TFLOP/s over the lengths) to this file as shell exports")
     args = p.parse_args()
@@ -156,6 +158,8 @@ def main():
         plan = (("fwd_bwd", SPARSE_DQ_VARIANTS),)
     else:
         plan = (("fwd", FWD_VARIANTS if args.pattern == "dense" else SPARSE_FWD_VARIANTS), ("fwd_bwd", BWD_VARIANTS))
+    if args.fwd_tiles:
+        plan = (("fwd", [dict(T5CORE_TILE_FWD=t) for t in args.fwd_tiles.split(",")]),)
     for mode, variants in plan:
         if args.only in ("fwd", "fwd_bwd") and mode != args.only:
             continue
