@@ -596,9 +596,7 @@ def _bwd_dq_kernel(
     HAS_KEYLENS: tl.constexpr, IS_VARLEN: tl.constexpr, FP32_DOT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PATTERN: tl.constexpr = 0, RADIUS: tl.constexpr = 0, SBLOCK: tl.constexpr = 1, NUM_GLOBAL: tl.constexpr = 0,
-    LEAD_N: tl.constexpr = 0,
 ):
-    # LEAD_N: as the forward's (block's leading tile narrowed to the global keys where it can be).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -648,35 +646,20 @@ def _bwd_dq_kernel(
                                            stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, a0, split, m0, q_offset,
                                            offs_n, offs_d, nb_idx, NEAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
                                            FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
-        if split < e1:  # the `if`s on masked loops: as in the forward
-            dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
-                                               stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, split, e1, m0,
-                                               q_offset, offs_n, offs_d, nb_idx, NEAR, True, HAS_BIAS, DTABLE, CAUSAL,
-                                               REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                           stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, split, e1, m0, q_offset,
+                                           offs_n, offs_d, nb_idx, NEAR, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                           FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
     else:
         if PATTERN != DENSE:
-            narrow_lead = False
-            if LEAD_N > 0 and LEAD_N < BLOCK_N:
-                narrow_lead = (t0 // SBLOCK) * SBLOCK >= lead_end
-            if narrow_lead:
-                dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base,
-                                                   stride_kn, stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, 0,
-                                                   tl.cdiv(NUM_GLOBAL, LEAD_N) * LEAD_N, m0, q_offset,
-                                                   tl.arange(0, LEAD_N), offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE,
-                                                   CAUSAL, REACH, FP32_DOT, BLOCK_M, LEAD_N, PATTERN, RADIUS, SBLOCK,
-                                                   NUM_GLOBAL)
-            else:
-                dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base,
-                                                   stride_kn, stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, 0,
-                                                   lead_end, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True,
-                                                   HAS_BIAS, DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N,
-                                                   PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
-            if a0 < i0:
-                dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base,
-                                                   stride_kn, stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, a0, i0,
-                                                   m0, q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE,
-                                                   CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK,
-                                                   NUM_GLOBAL)
+            dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                               stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, 0, lead_end, m0,
+                                               q_offset, offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, CAUSAL,
+                                               REACH, FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
+            dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
+                                               stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, a0, i0, m0, q_offset,
+                                               offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
+                                               FP32_DOT, BLOCK_M, BLOCK_N, PATTERN, RADIUS, SBLOCK, NUM_GLOBAL)
         dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
                                            stride_vn, q_pos, bias_row, RunEnd, c_left, kv_len, i0, f0, m0, q_offset,
                                            offs_n, offs_d, nb_idx, FAR, False, HAS_BIAS, DTABLE, CAUSAL, REACH,
@@ -696,7 +679,7 @@ def _bwd_dq_kernel(
                                                    n_full + BLOCK_N, m0, q_offset, offs_n, offs_d, nb_idx, ANY, True,
                                                    HAS_BIAS, DTABLE, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE,
                                                    0, 1, 0)
-        elif i1 < e1:
+        else:
             dq, acc_left, acc_runs = _dq_inner(dq, acc_left, acc_runs, q, do, lse, delta, k_base, v_base, stride_kn,
                                                stride_vn, q_pos, bias_row, RunEnd, 0.0, kv_len, i1, e1, m0, q_offset,
                                                offs_n, offs_d, nb_idx, ANY, True, HAS_BIAS, DTABLE, CAUSAL, REACH,
@@ -1571,12 +1554,6 @@ class Pattern(NamedTuple):
 DENSE_PATTERN = Pattern()
 
 
-def _lead_n(pattern: Pattern, block_n: int) -> int:
-    """The forward's and dq's LEAD_N: block's leading tile narrowed to its global keys (a power of two,
-    at least a dot's 16 columns) where that is narrower than a key tile; 0 for the other patterns."""
-    return min(block_n, max(16, next_power_of_2(pattern.num_global))) if pattern.kind == 2 else 0
-
-
 def _check_pattern(pattern: Pattern, q, k, causal, q_offset, varlen):
     if pattern.kind == 0:
         return
@@ -1635,7 +1612,8 @@ def forward(q, k, v, table, key_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         HAS_BIAS=table is not None, REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, **pattern.constexprs(),
-        LEAD_N=_lead_n(pattern, block_n), pattern=pattern.kind,
+        LEAD_N=min(block_n, max(16, next_power_of_2(pattern.num_global))) if pattern.kind == 2 else 0,
+        pattern=pattern.kind,
     )
     if pattern.kind == 2 and pattern.num_global > 0:
         _global_rows_forward(q, k, v, out, lse, bias_lut, lut_w, key_lengths, table is not None, reach, pattern,
@@ -1697,7 +1675,7 @@ def backward(do, q, k, v, out, lse, table, key_lengths, cu_seqlens_q, cu_seqlens
         HAS_BIAS=has_bias, DTABLE=wants_dtable, N_RUNS=tables.n_runs, NB_POW2=tables.run_end.numel(),
         REACH=reach, CAUSAL=causal,
         HAS_KEYLENS=key_lengths is not None, IS_VARLEN=lay.varlen, FP32_DOT=fp32, HEAD_DIM=lay.head_dim,
-        BLOCK_M=dq_m, BLOCK_N=dq_n, **pattern.constexprs(), LEAD_N=_lead_n(pattern, dq_n),
+        BLOCK_M=dq_m, BLOCK_N=dq_n, **pattern.constexprs(),
         pattern=pattern.kind,
     )
     _launch(

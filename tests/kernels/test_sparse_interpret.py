@@ -173,9 +173,9 @@ def test_block(L, block_size, num_global):
 
 @pytest.mark.parametrize("block_size,num_global", [(40, 5), (64, 16), (24, 1), (100, 0)])
 def test_block_narrow_leading_tile(monkeypatch, block_size, num_global):
-    # With 32-key forward and dq tiles, query tiles whose blocks start past the leading tile read
-    # the global keys through a 16-key tile (LEAD_N); the tiles of the first blocks keep the whole one.
-    monkeypatch.setattr(flash_mod, "_INTERPRET", {**flash_mod._INTERPRET, "fwd": (32, 32), "dq": (32, 32)})
+    # With 32-key forward tiles, query tiles whose blocks start past the leading tile read the
+    # global keys through a 16-key tile (LEAD_N); the tiles of the first blocks keep the whole one.
+    monkeypatch.setattr(flash_mod, "_INTERPRET", {**flash_mod._INTERPRET, "fwd": (32, 32)})
     run_and_compare("block", 2, 2, 257, 16, [257, 90], block_size=block_size, num_global=num_global,
                     seed=block_size + num_global)
 
