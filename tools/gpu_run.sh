@@ -120,6 +120,7 @@ for s in ${STEPS:-tests attention model generate}; do
           "$ncu_bin" -i "/tmp/ncu/$pattern.ncu-rep" --page details > "/tmp/ncu/$pattern-details.txt" 2>&1
           "$ncu_bin" -i "/tmp/ncu/$pattern.ncu-rep" --page source --csv --print-source sass \
             > "/tmp/ncu/$pattern-sass.csv" 2>&1
+          python3 tools/ncu_summary.py "/tmp/ncu/$pattern-sass.csv" > "/tmp/ncu/$pattern-summary.txt" 2>&1
           grep -E "^  [_a-z]|Duration|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|L2 Cache Throughput" \
             "/tmp/ncu/$pattern-details.txt" | head -60
         done
