@@ -411,8 +411,9 @@ def _fwd_kernel(
     else:
         if PATTERN != DENSE:  # sparse boundary tiles before the visible run (leading keys, window start)
             narrow_lead = False
-            if LEAD_N > 0 and LEAD_N < BLOCK_N:
-                narrow_lead = (t0 // SBLOCK) * SBLOCK >= lead_end  # the tile's blocks start past the leading tile
+            if LEAD_N > 0 and LEAD_N < BLOCK_N:  # the tile's blocks start past the leading tile (a tile
+                # wholly in the padding sees nothing: the wide call's range is empty for it)
+                narrow_lead = ((t0 // SBLOCK) * SBLOCK >= lead_end) & (t0 < kv_len)
             if narrow_lead:  # the global keys alone, not a whole BLOCK_N tile of mostly hidden scores
                 acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                            0.0, kv_len, 0, tl.cdiv(NUM_GLOBAL, LEAD_N) * LEAD_N, m0, q_offset,
