@@ -93,9 +93,10 @@ for s in ${STEPS:-tests attention model generate}; do
              ${ENCODER_LENGTHS:+--encoder-lengths $ENCODER_LENGTHS} ;;
     tune) step sweep_tiles ${T_TUNE:-200} python3 tools/sweep_tiles.py --json "$OUT/sweep.json" --pick "$OUT/tiles.env"
           if [ -s "$OUT/tiles.env" ]; then source "$OUT/tiles.env"; cat "$OUT/tiles.env" | tee -a "$OUT/env.txt"; fi ;;
-    tune_sparse) for pattern in local block; do step "sweep_$pattern" ${T_TUNE:-200} python3 tools/sweep_tiles.py \
-                   --pattern $pattern --lengths 131072 ${SWEEP_ONLY:+--only $SWEEP_ONLY} --json "$OUT/sweep-$pattern.json" \
-                   $(eval echo \${SWEEP_FWD_${pattern^^}:+--fwd-tiles \$SWEEP_FWD_${pattern^^}}); done ;;
+    tune_sparse) for pattern in local block; do fwd_tiles=SWEEP_FWD_${pattern^^}  # SWEEP_FWD_LOCAL, SWEEP_FWD_BLOCK
+                   step "sweep_$pattern" ${T_TUNE:-200} python3 tools/sweep_tiles.py --pattern $pattern --lengths 131072 \
+                   ${SWEEP_ONLY:+--only $SWEEP_ONLY} ${!fwd_tiles:+--fwd-tiles ${!fwd_tiles}} --json "$OUT/sweep-$pattern.json"
+                 done ;;
     tune_side) step sweep_side ${T_TUNE:-200} python3 tools/sweep_tiles.py --pattern transient-global \
                  --lengths ${SIDE_LENGTHS:-131072} --json "$OUT/sweep-side.json" ;;
     ab) step sweep_this ${T_AB:-150} python3 tools/sweep_tiles.py --defaults --json "$OUT/sweep-this.json"

@@ -18,13 +18,12 @@ is not CUDA-graphed. A diagnosis tool; the benchmark is bench_attention.py.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import warnings
 
 import torch
 from bench_attention import SPARSE_PARAMS, tglobal_inputs  # tools/ is on the path when run as a script
 from profile_attention import host_and_wall
+from profile_model import cprofile_call
 
 
 def make_call(mode: str, length: int, backward: bool):
@@ -70,13 +69,7 @@ def syncs(call) -> list[str]:
 
 
 def own_time_table(call, rows: int) -> None:
-    torch.cuda.synchronize()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    call()
-    profiler.disable()
-    torch.cuda.synchronize()
-    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, own, cumulative, callers)}
+    stats = cprofile_call(call).stats  # {(file, line, name): (calls, primitive, own, cumulative, callers)}
     total = sum(entry[2] for entry in stats.values())
     print(f"   cProfile: {total * 1e3:.3f} ms in {sum(entry[0] for entry in stats.values())} calls; by own time:")
     for (file, line, name), (ncalls, _, own, cumulative, _) in sorted(stats.items(), key=lambda x: -x[1][2])[:rows]:

@@ -13,6 +13,8 @@ vs wall time per step. A diagnosis tool: the benchmarks are bench_model.py and b
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -50,20 +52,23 @@ def table(prof, rows: int, title: str, steps: int = 1) -> None:
         print(f"{e.self_device_time_total / 1e3 / steps:9.3f} ms {e.count / steps:7.1f}x  {e.key[:110]}")
 
 
-def host_profile(fn, rows: int) -> None:
-    """Python-side time of one call: the launches the GPU waits for when a run is host-bound."""
-    import cProfile
-    import pstats
-
+def cprofile_call(fn) -> pstats.Stats:
+    """cProfile's statistics of one call of fn, the GPU idle before and after it."""
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
     profiler.enable()
     fn()
     profiler.disable()
     torch.cuda.synchronize()
+    return pstats.Stats(profiler)
+
+
+def host_profile(fn, rows: int) -> None:
+    """Python-side time of one call: the launches the GPU waits for when a run is host-bound."""
+    stats = cprofile_call(fn)
     for key in ("tottime", "cumulative"):
         print(f"\n== host profile by {key}")
-        pstats.Stats(profiler).sort_stats(key).print_stats(rows)
+        stats.sort_stats(key).print_stats(rows)
 
 
 def splits_sweep(keys: int) -> None:
