@@ -414,7 +414,15 @@ def _fwd_kernel(
             if LEAD_N > 0 and LEAD_N < BLOCK_N:  # the tile's blocks start past the leading tile (a tile
                 # wholly in the padding sees nothing: the wide call's range is empty for it)
                 narrow_lead = ((t0 // SBLOCK) * SBLOCK >= lead_end) & (t0 < kv_len)
-            if narrow_lead:  # the global keys alone, not a whole BLOCK_N tile of mostly hidden scores
+            far_lead = False
+            if NUM_GLOBAL % LEAD_N == 0:  # the narrow tiles hold global keys only: every one visible
+                far_lead = narrow_lead & (m0 + q_offset >= NUM_GLOBAL - 1 + DIST)  # all beyond the reach
+            if far_lead:  # one scalar bias (far-left), no gather, no predicate
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                           c_left, kv_len, 0, NUM_GLOBAL, m0, q_offset, tl.arange(0, LEAD_N), offs_d,
+                                           FAR, False, HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, LEAD_N, DENSE, 0,
+                                           1, 0)
+            elif narrow_lead:  # the global keys alone, not a whole BLOCK_N tile of mostly hidden scores
                 acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
                                            0.0, kv_len, 0, tl.cdiv(NUM_GLOBAL, LEAD_N) * LEAD_N, m0, q_offset,
                                            tl.arange(0, LEAD_N), offs_d, ANY, True, HAS_BIAS, CAUSAL, REACH, FP32_DOT,

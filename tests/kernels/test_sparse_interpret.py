@@ -180,6 +180,14 @@ def test_block_narrow_leading_tile(monkeypatch, block_size, num_global):
                     seed=block_size + num_global)
 
 
+def test_block_far_leading_tile(monkeypatch):
+    # A short reach (8 buckets, max_distance 4): the narrow leading tile of every query tile past
+    # row ~20 lies wholly beyond it and runs as a far tile (one scalar bias, no gather).
+    monkeypatch.setattr(flash_mod, "_INTERPRET", {**flash_mod._INTERPRET, "fwd": (32, 32), "dq": (32, 32)})
+    run_and_compare("block", 2, 2, 257, 16, [257, 90], block_size=40, num_global=16, num_buckets=8, max_distance=4,
+                    seed=5)
+
+
 def test_block_padding_inside_the_leading_tokens():
     run_and_compare("block", 3, 2, 64, 16, [64, 2, 1], block_size=16, num_global=16)
 
