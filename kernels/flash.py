@@ -636,12 +636,11 @@ def _bwd_dq_kernel(
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(Delta + b64 * stride_lb + h64 * stride_lh + rows, delta, mask=rmask)
     t0 = m0  # the first row the tile's key ranges are for
-    if PATTERN == BLOCK:
-        if m0 + BLOCK_M <= NUM_GLOBAL:  # global rows only: _global_rows_dq_kernel (delta stored above)
+    if PATTERN == BLOCK:  # after any ROW_DELTA store: the global rows need their delta too
+        if m0 + BLOCK_M <= NUM_GLOBAL:  # global rows only: _global_rows_dq_kernel
             return
-        t0 = tl.maximum(m0, NUM_GLOBAL)  # rows [m0, t0) are global: lse = +inf below, p = dS = 0
-    if PATTERN == BLOCK:  # the global rows' dq and dS sums are _global_rows_dq_kernel's
-        lse = tl.where(offs_m < NUM_GLOBAL, float("inf"), lse)
+        t0 = tl.maximum(m0, NUM_GLOBAL)  # rows [m0, t0) are global: lse = +inf, p = dS = 0
+        lse = tl.where(offs_m < NUM_GLOBAL, float("inf"), lse)  # their dq and dS sums: _global_rows_dq_kernel's
     k_base = K + b64 * stride_kb + h64 * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + b64 * stride_vb + h64 * stride_vh + k_start.to(tl.int64) * stride_vn
     q_pos = offs_m + q_offset
