@@ -176,45 +176,81 @@ def sparse_attention(
     return out
 
 
-class _TransientGlobal(torch.autograd.Function):
-    """Local window + side keys in one softmax: forward and backward by the kernels."""
+# ---- transient-global: the local window and the side keys in one softmax ---------------------
 
-    @staticmethod
-    def forward(ctx, q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius, num_buckets,
-                max_distance):
-        pattern = flash.Pattern(1, local_radius, 1, 0)
-        out, lse = flash.forward(q, k, v, table, key_lengths, None, None, 0, 0, True, num_buckets, max_distance, False,
-                                 0, pattern)
-        side_lengths = (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)
-        if side_k.shape[2] > 0:
-            lut = flash.side_lut(global_table, num_buckets, max_distance)
-            out, lse = flash.side_forward(q, side_k, side_v, lut, block_ids, side_lengths, out, lse)
-        ctx.save_for_backward(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, side_lengths,
-                              out, lse)
-        ctx.params = (pattern, num_buckets, max_distance)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, side_lengths, out, lse = ctx.saved_tensors
-        pattern, num_buckets, max_distance = ctx.params
-        # Each part's gradient from the merged softmax: P = 2^(S - lse) with the merged lse, and
-        # delta from the merged output, as for any attention over a union of key sets.
-        table_grad = ctx.needs_input_grad[3]
-        has_side = side_k.shape[2] > 0
-        delta = flash.row_delta(out, dout)
-        dq, dk, dv, dtable = flash.backward(dout, q, k, v, out, lse, table, key_lengths, None, None, 0, 0, True,
-                                            num_buckets, max_distance, False, 0, pattern, table_grad, delta=delta,
-                                            dq_dtype=torch.float32 if has_side else None)
-        if has_side:  # the side dq kernel adds its part to the local fp32 dq and rounds the sum once
-            dq, d_side_k, d_side_v, d_global = flash.side_backward(
-                dout, q, side_k, side_v, lse, delta, dq, global_table, block_ids, side_lengths, num_buckets,
-                max_distance)
-        else:
-            d_side_k, d_side_v = torch.zeros_like(side_k), torch.zeros_like(side_v)
-            d_global = torch.zeros_like(global_table)
-        return (dq, dk, dv, dtable if table_grad else None, d_side_k, d_side_v, d_global, None, None, None,
-                None, None)
+def _side_lengths(block_ids: Tensor) -> Tensor:
+    """[B] int32: the side keys row b sees, max(block_ids[b]) + 1 (block ids -1: none)."""
+    return (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)
+
+
+@torch.library.custom_op("t5core::transient_global_fwd", mutates_args=())
+def _tglobal_fwd(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], side_k: Tensor, side_v: Tensor,
+                 global_table: Tensor, block_ids: Tensor, key_lengths: Optional[Tensor], local_radius: int,
+                 num_buckets: int, max_distance: int) -> tuple[Tensor, Tensor]:
+    out, lse = flash.forward(q, k, v, table, key_lengths, None, None, 0, 0, True, num_buckets, max_distance, False,
+                             0, flash.Pattern(1, local_radius, 1, 0))
+    if side_k.shape[2] > 0:  # the side keys' softmax merged into the window's, in place
+        lut = flash.side_lut(global_table, num_buckets, max_distance)
+        out, lse = flash.side_forward(q, side_k, side_v, lut, block_ids, _side_lengths(block_ids), out, lse)
+    return out, lse
+
+
+@_tglobal_fwd.register_fake
+def _(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius, num_buckets, max_distance):
+    return flash.empty_like_input(q), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
+
+
+@torch.library.custom_op("t5core::transient_global_bwd", mutates_args=())
+def _tglobal_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], side_k: Tensor,
+                 side_v: Tensor, global_table: Tensor, block_ids: Tensor, key_lengths: Optional[Tensor], out: Tensor,
+                 lse: Tensor, local_radius: int, num_buckets: int, max_distance: int, table_grad: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # Each part's gradient from the merged softmax: P = 2^(S - lse) with the merged lse, and
+    # delta from the merged output, as for any attention over a union of key sets.
+    has_side = side_k.shape[2] > 0
+    delta = flash.row_delta(out, dout)
+    dq, dk, dv, dtable = flash.backward(dout, q, k, v, out, lse, table, key_lengths, None, None, 0, 0, True,
+                                        num_buckets, max_distance, False, 0, flash.Pattern(1, local_radius, 1, 0),
+                                        table_grad, delta=delta, dq_dtype=torch.float32 if has_side else None)
+    if has_side:  # the side dq kernel adds its part to the local fp32 dq and rounds the sum once
+        dq, d_side_k, d_side_v, d_global = flash.side_backward(
+            dout, q, side_k, side_v, lse, delta, dq, global_table, block_ids, _side_lengths(block_ids), num_buckets,
+            max_distance)
+    else:
+        d_side_k, d_side_v = torch.zeros_like(side_k), torch.zeros_like(side_v)
+        d_global = torch.zeros_like(global_table)
+    if not table_grad or table is None:
+        dtable = q.new_empty(0)
+    return dq, dk, dv, dtable, d_side_k, d_side_v, d_global
+
+
+@_tglobal_bwd.register_fake
+def _(dout, q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, out, lse, local_radius,
+      num_buckets, max_distance, table_grad=True):
+    dtable = torch.empty_like(table) if table is not None and table_grad else q.new_empty(0)
+    return (flash.empty_like_input(q), flash.empty_like_input(k), flash.empty_like_input(v), dtable,
+            torch.empty_like(side_k), torch.empty_like(side_v), torch.empty_like(global_table))
+
+
+def _tglobal_setup(ctx, inputs, output):
+    q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, out, lse)
+    ctx.params = params
+    ctx.mark_non_differentiable(lse)
+
+
+def _tglobal_backward(ctx, dout, _dlse):
+    q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, out, lse = ctx.saved_tensors
+    table_grad = ctx.needs_input_grad[3]  # a frozen local table: no per-bucket dS sums
+    dq, dk, dv, dtable, d_side_k, d_side_v, d_global = _tglobal_bwd(
+        dout, q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, out, lse, *ctx.params,
+        table_grad=table_grad)
+    return (dq, dk, dv, dtable if table_grad else None, d_side_k, d_side_v, d_global, None, None, None, None, None)
+
+
+_tglobal_fwd.register_autograd(_tglobal_backward, setup_context=_tglobal_setup)
 
 
 def transient_global_attention(
@@ -230,11 +266,12 @@ def transient_global_attention(
     having max(block_ids[b]) + 1 side keys (t5core.sparse.make_layout gives both; the backward
     needs them nondecreasing along a row, then -1 on the right padding, and checks). q, k, v
     [B, H, L, D]; key_lengths [B] (right padding): padded query rows output 0. Gradients reach
-    q, k, v, both tables and the side keys and values. Not a torch.library op: torch.compile
-    traces around it with a graph break.
+    q, k, v, both tables and the side keys and values. Like the other attention functions it is a
+    pair of torch.library ops, which torch.compile traces without a graph break.
     """
-    return _TransientGlobal.apply(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius,
-                                  num_buckets, max_distance)
+    out, _ = _tglobal_fwd(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius,
+                          num_buckets, max_distance)
+    return out
 
 
 def flash_attention_varlen(
