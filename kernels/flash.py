@@ -447,6 +447,13 @@ def _fwd_kernel(
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
                                        kv_len, f0, f1, m0, q_offset, offs_n, offs_d, NEAR_AHEAD, False, HAS_BIAS,
                                        CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        elif HAS_BIAS and PATTERN == BLOCK:
+            # The first tile's bias is gathered before the loop: only where the band is not empty
+            # (a tile in the padding has f0 anywhere, its rels beyond the bias row).
+            if f0 < f1:
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row,
+                                           0.0, kv_len, f0, f1, m0, q_offset, offs_n, offs_d, NEAR_AHEAD, False,
+                                           HAS_BIAS, CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         else:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
                                        kv_len, f0, f1, m0, q_offset, offs_n, offs_d, NEAR, False, HAS_BIAS, CAUSAL,
@@ -1315,10 +1322,12 @@ _TILES = {
 # where tiles narrower across the window compute fewer hidden scores. H200 sweep at 128k, sixth
 # session (bench/results/sweep-2026-11-29-s6-{local,block}.json, visible-score TFLOP/s): local's
 # forward 64x64 at 4 blocks per SM (201.8 against 184.0 for 64x32), block's 64x32 (207.4; 64x64
-# 185.5); both backwards dq capped at 128 registers (local +7%) and dk/dv 32x64 capped.
+# 185.5); both backwards dq capped at 128 registers (local +7%) and dk/dv 32x64 capped. Sixteenth
+# session: block's forward 64x64 (4, 2, capped: 4 blocks per SM) with its near tiles' bias gathered a
+# tile ahead (NEAR_AHEAD), 128k / 1M 0.853-0.873 -> 0.812 ms / 7.15 -> 6.69 ms (block-tiles-ab).
 _SPARSE_TILES = {"sm90": {
     1: {"fwd": (64, 64, 4, 2, 128), "dq": (64, 32, 4, 3, 128), "dkdv": (32, 64, 4, 3, 128)},
-    2: {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3, 128), "dkdv": (32, 64, 4, 3, 128)},
+    2: {"fwd": (64, 64, 4, 2, 128), "dq": (64, 32, 4, 3, 128), "dkdv": (32, 64, 4, 3, 128)},
 }}
 _AUTOTUNE_MORE = {  # (warps, stages[, maxnreg]) pairs T5CORE_AUTOTUNE=1 tries after the default's
     "sm90": {"fwd": [(4, 3), (8, 3), (4, 2, 128)], "dq": [(4, 3), (8, 2), (4, 2)], "dkdv": [(8, 2), (4, 2), (8, 3)]},
