@@ -291,8 +291,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bi
                BLOCK_N: tl.constexpr, PATTERN: tl.constexpr, RADIUS: tl.constexpr, SBLOCK: tl.constexpr,
                NUM_GLOBAL: tl.constexpr):
     # PATTERN != DENSE: a sparse boundary tile; scores the pattern hides are masked (non-far modes only).
-    # NEAR_AHEAD (the dense kernel's interior near tiles, bias on): the next tile's bias is gathered
-    # while this tile's PV dot runs, so the gathers' latency is off the QK^T dot's path.
+    # NEAR_AHEAD (interior near tiles, bias on: dense's, `block`'s and `local`'s window tiles): the
+    # next tile's bias is gathered while this tile's PV dot runs, so the gathers' latency is off the
+    # QK^T dot's path.
     if MODE == NEAR_AHEAD:
         ahead = _tile_bias(start - m0 - q_offset, q_pos, offs_n, bias_row, NEAR, REACH, BLOCK_M, BLOCK_N, False)
     for start_n in range(start, end, BLOCK_N):
@@ -402,9 +403,12 @@ def _fwd_kernel(
         # Every tile of the window reads its bias row, whose -inf beyond the radius is the window's
         # mask (_bias_lut_kernel): no predicate; keys past the length masked.
         split = tl.minimum(tl.maximum(n_full, a0), e1)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
-                                   kv_len, a0, split, m0, q_offset, offs_n, offs_d, NEAR, False, HAS_BIAS, CAUSAL,
-                                   REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
+        # Each tile's bias gathered during the tile before, the first before the loop, so only where
+        # the loop runs (sixteenth session: 128k forward 0.478 -> 0.446 ms, 1M even; H200).
+        if a0 < split:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, bias_row, 0.0,
+                                       kv_len, a0, split, m0, q_offset, offs_n, offs_d, NEAR_AHEAD, False, HAS_BIAS,
+                                       CAUSAL, REACH, FP32_DOT, BLOCK_M, BLOCK_N, DENSE, 0, 1, 0)
         # The masked loop runs for the last windows only; the `if` skips its pipeline prologue (its
         # first loads, issued before the trip count is known) everywhere else.
         if split < e1:
