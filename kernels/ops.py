@@ -187,24 +187,28 @@ def _side_lengths(block_ids: Tensor) -> Tensor:
 @torch.library.custom_op("t5core::transient_global_fwd", mutates_args=())
 def _tglobal_fwd(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], side_k: Tensor, side_v: Tensor,
                  global_table: Tensor, block_ids: Tensor, key_lengths: Optional[Tensor], local_radius: int,
-                 num_buckets: int, max_distance: int) -> tuple[Tensor, Tensor]:
+                 num_buckets: int, max_distance: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, side_lengths): the last two for the backward."""
     out, lse = flash.forward(q, k, v, table, key_lengths, None, None, 0, 0, True, num_buckets, max_distance, False,
                              0, flash.Pattern(1, local_radius, 1, 0))
+    side_lengths = _side_lengths(block_ids)
     if side_k.shape[2] > 0:  # the side keys' softmax merged into the window's, in place
         lut = flash.side_lut(global_table, num_buckets, max_distance)
-        out, lse = flash.side_forward(q, side_k, side_v, lut, block_ids, _side_lengths(block_ids), out, lse)
-    return out, lse
+        out, lse = flash.side_forward(q, side_k, side_v, lut, block_ids, side_lengths, out, lse)
+    return out, lse, side_lengths
 
 
 @_tglobal_fwd.register_fake
 def _(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius, num_buckets, max_distance):
-    return flash.empty_like_input(q), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
+    return (flash.empty_like_input(q), q.new_empty(_lse_shape(q, False), dtype=torch.float32),
+            block_ids.new_empty(block_ids.shape[0], dtype=torch.int32))
 
 
 @torch.library.custom_op("t5core::transient_global_bwd", mutates_args=())
 def _tglobal_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], side_k: Tensor,
-                 side_v: Tensor, global_table: Tensor, block_ids: Tensor, key_lengths: Optional[Tensor], out: Tensor,
-                 lse: Tensor, local_radius: int, num_buckets: int, max_distance: int, table_grad: bool = True
+                 side_v: Tensor, global_table: Tensor, block_ids: Tensor, side_lengths: Tensor,
+                 key_lengths: Optional[Tensor], out: Tensor, lse: Tensor, local_radius: int, num_buckets: int,
+                 max_distance: int, table_grad: bool = True
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # Each part's gradient from the merged softmax: P = 2^(S - lse) with the merged lse, and
     # delta from the merged output, as for any attention over a union of key sets.
@@ -215,8 +219,7 @@ def _tglobal_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, table: Optional[
                                         table_grad, delta=delta, dq_dtype=torch.float32 if has_side else None)
     if has_side:  # the side dq kernel adds its part to the local fp32 dq and rounds the sum once
         dq, d_side_k, d_side_v, d_global = flash.side_backward(
-            dout, q, side_k, side_v, lse, delta, dq, global_table, block_ids, _side_lengths(block_ids), num_buckets,
-            max_distance)
+            dout, q, side_k, side_v, lse, delta, dq, global_table, block_ids, side_lengths, num_buckets, max_distance)
     else:
         d_side_k, d_side_v = torch.zeros_like(side_k), torch.zeros_like(side_v)
         d_global = torch.zeros_like(global_table)
@@ -226,8 +229,8 @@ def _tglobal_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, table: Optional[
 
 
 @_tglobal_bwd.register_fake
-def _(dout, q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, out, lse, local_radius,
-      num_buckets, max_distance, table_grad=True):
+def _(dout, q, k, v, table, side_k, side_v, global_table, block_ids, side_lengths, key_lengths, out, lse,
+      local_radius, num_buckets, max_distance, table_grad=True):
     dtable = torch.empty_like(table) if table is not None and table_grad else q.new_empty(0)
     return (flash.empty_like_input(q), flash.empty_like_input(k), flash.empty_like_input(v), dtable,
             torch.empty_like(side_k), torch.empty_like(side_v), torch.empty_like(global_table))
@@ -235,18 +238,19 @@ def _(dout, q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths
 
 def _tglobal_setup(ctx, inputs, output):
     q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, out, lse)
+    out, lse, side_lengths = output
+    ctx.save_for_backward(q, k, v, table, side_k, side_v, global_table, block_ids, side_lengths, key_lengths, out,
+                          lse)
     ctx.params = params
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, side_lengths)
 
 
-def _tglobal_backward(ctx, dout, _dlse):
-    q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, out, lse = ctx.saved_tensors
+def _tglobal_backward(ctx, dout, _dlse, _dside_lengths):
+    q, k, v, table, side_k, side_v, global_table, block_ids, side_lengths, key_lengths, out, lse = ctx.saved_tensors
     table_grad = ctx.needs_input_grad[3]  # a frozen local table: no per-bucket dS sums
     dq, dk, dv, dtable, d_side_k, d_side_v, d_global = _tglobal_bwd(
-        dout, q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, out, lse, *ctx.params,
-        table_grad=table_grad)
+        dout, q, k, v, table, side_k, side_v, global_table, block_ids, side_lengths, key_lengths, out, lse,
+        *ctx.params, table_grad=table_grad)
     return (dq, dk, dv, dtable if table_grad else None, d_side_k, d_side_v, d_global, None, None, None, None, None)
 
 
@@ -269,8 +273,8 @@ def transient_global_attention(
     q, k, v, both tables and the side keys and values. Like the other attention functions it is a
     pair of torch.library ops, which torch.compile traces without a graph break.
     """
-    out, _ = _tglobal_fwd(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius,
-                          num_buckets, max_distance)
+    out, _, _ = _tglobal_fwd(q, k, v, table, side_k, side_v, global_table, block_ids, key_lengths, local_radius,
+                             num_buckets, max_distance)
     return out
 
 
