@@ -179,11 +179,6 @@ def sparse_attention(
 # ---- transient-global: the local window and the side keys in one softmax ---------------------
 
 
-def _side_lengths(block_ids: Tensor) -> Tensor:
-    """[B] int32: the side keys row b sees, max(block_ids[b]) + 1 (block ids -1: none)."""
-    return (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)
-
-
 @torch.library.custom_op("t5core::transient_global_fwd", mutates_args=())
 def _tglobal_fwd(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], side_k: Tensor, side_v: Tensor,
                  global_table: Tensor, block_ids: Tensor, key_lengths: Optional[Tensor], local_radius: int,
@@ -191,7 +186,7 @@ def _tglobal_fwd(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], side_
     """(out, lse, side_lengths): the last two for the backward."""
     out, lse = flash.forward(q, k, v, table, key_lengths, None, None, 0, 0, True, num_buckets, max_distance, False,
                              0, flash.Pattern(1, local_radius, 1, 0))
-    side_lengths = _side_lengths(block_ids)
+    side_lengths = (block_ids.max(-1).values + 1).clamp_min(0).to(torch.int32)  # [B]: side keys row b sees
     if side_k.shape[2] > 0:  # the side keys' softmax merged into the window's, in place
         lut = flash.side_lut(global_table, num_buckets, max_distance)
         out, lse = flash.side_forward(q, side_k, side_v, lut, block_ids, side_lengths, out, lse)
@@ -223,9 +218,7 @@ def _tglobal_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, table: Optional[
     else:
         d_side_k, d_side_v = torch.zeros_like(side_k), torch.zeros_like(side_v)
         d_global = torch.zeros_like(global_table)
-    if not table_grad or table is None:
-        dtable = q.new_empty(0)
-    return dq, dk, dv, dtable, d_side_k, d_side_v, d_global
+    return dq, dk, dv, dtable, d_side_k, d_side_v, d_global  # dtable: empty for no table or a frozen one
 
 
 @_tglobal_bwd.register_fake
